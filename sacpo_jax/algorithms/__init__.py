@@ -1,0 +1,1 @@
+"""SACPO stage chains, merging, CAID and dual solvers."""

@@ -1,0 +1,1 @@
+"""Preference data: sources, adapters, tokenisation, loader and the bundled oracle task."""

@@ -1,0 +1,1 @@
+"""LLaMA-family models and the Hugging Face checkpoint converter."""

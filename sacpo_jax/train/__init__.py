@@ -1,0 +1,1 @@
+"""Train states, compiled steps and the stage loop."""
