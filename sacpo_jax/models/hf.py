@@ -1,0 +1,480 @@
+"""Hugging Face format <-> our LLaMA parameters, both ways, placed shard by shard.
+
+Import reads config.json and model.safetensors (or sharded model-*.safetensors with
+model.safetensors.index.json), memory-maps every tensor and builds each parameter with
+``jax.make_array_from_callback``: every device reads only its own block of the file.
+Export writes config.json, safetensors files (sharded above ``max_shard_bytes``) and the
+tokenizer; ``transformers``' ``LlamaForCausalLM.from_pretrained`` loads the result.
+
+Supported architectures: LlamaForCausalLM, LlamaForSequenceClassification (score head
+``score.weight``) and safe-rlhf's LlamaModelForScore (``score_head.weight``).
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from jax.sharding import Mesh
+
+from sacpo_jax import parallel
+from sacpo_jax.models.llama import Llama, LlamaConfig, RopeConfig
+from sacpo_jax.models.safetensors_io import PlannedTensor, SafetensorsReader, write_safetensors
+
+ARCHITECTURES = {
+    "LlamaForCausalLM": None,
+    "LlamaForSequenceClassification": "score.weight",
+    "LlamaModelForScore": "score_head.weight",
+}
+_MODELED_KEYS = {
+    "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
+    "num_attention_heads", "num_key_value_heads", "head_dim", "rms_norm_eps",
+    "rope_theta", "rope_scaling", "rope_parameters", "tie_word_embeddings",
+    "attention_bias", "mlp_bias", "architectures", "model_type", "torch_dtype", "dtype",
+    "transformers_version",
+}  # fmt: skip
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be imported; the message is one line naming the problem."""
+
+
+# ----------------------------------------------------------------------------- config
+
+
+def _rope_from_hf(hf: dict[str, Any], where: str) -> RopeConfig:
+    """RoPE settings from ``rope_parameters`` (transformers 5) or rope_theta/rope_scaling."""
+    params = dict(hf.get("rope_parameters") or {})
+    if not params:
+        params = dict(hf.get("rope_scaling") or {})
+        params.setdefault("rope_theta", hf.get("rope_theta", 10000.0))
+    rope_type = params.get("rope_type", params.get("type", "default"))
+    if rope_type not in ("default", "linear", "llama3"):
+        raise CheckpointError(
+            f"{where}: rope type {rope_type!r} is not supported (default, linear, llama3)"
+        )
+    return RopeConfig(
+        rope_type=rope_type,
+        theta=float(params.get("rope_theta", hf.get("rope_theta", 10000.0))),
+        factor=float(params.get("factor", 1.0)),
+        low_freq_factor=float(params.get("low_freq_factor", 1.0)),
+        high_freq_factor=float(params.get("high_freq_factor", 4.0)),
+        original_max_position_embeddings=int(
+            params.get("original_max_position_embeddings", hf.get("max_position_embeddings", 8192))
+        ),
+    )
+
+
+def _architecture(hf: dict[str, Any], where: str) -> str:
+    architectures = hf.get("architectures") or (
+        ["LlamaForCausalLM"] if hf.get("model_type") == "llama" else []
+    )
+    name = architectures[0] if architectures else hf.get("model_type", "<none>")
+    if name not in ARCHITECTURES:
+        raise CheckpointError(
+            f"{where}: unknown architecture {name!r}; supported: {', '.join(ARCHITECTURES)}"
+        )
+    if name != "LlamaForCausalLM":
+        outputs = hf.get("score_dim", hf.get("num_labels", len(hf.get("id2label", {0: 0}))))
+        if outputs != 1:
+            raise CheckpointError(
+                f"{where}: a score model must have 1 output, this one has {outputs}"
+            )
+    return name
+
+
+def config_from_hf(
+    hf: dict[str, Any],
+    *,
+    param_dtype: str,
+    dtype: str | None = None,
+    where: str = "config.json",
+    **options: Any,
+) -> LlamaConfig:
+    """Our LlamaConfig from a Hugging Face config dict; ``options`` set remat/scan_layers."""
+    try:
+        heads = int(hf["num_attention_heads"])
+        extra = {k: v for k, v in hf.items() if k not in _MODELED_KEYS}
+        return LlamaConfig(
+            vocab_size=int(hf["vocab_size"]),
+            hidden_size=int(hf["hidden_size"]),
+            intermediate_size=int(hf["intermediate_size"]),
+            num_hidden_layers=int(hf["num_hidden_layers"]),
+            num_attention_heads=heads,
+            num_key_value_heads=int(hf.get("num_key_value_heads") or heads),
+            head_dim=int(hf.get("head_dim") or hf["hidden_size"] // heads),
+            rms_norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
+            rope=_rope_from_hf(hf, where),
+            tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
+            attention_bias=bool(hf.get("attention_bias", False)),
+            mlp_bias=bool(hf.get("mlp_bias", False)),
+            architecture=_architecture(hf, where),
+            param_dtype=param_dtype,
+            dtype=dtype or param_dtype,
+            hf_extra_json=json.dumps(extra, sort_keys=True),
+            **options,
+        )
+    except KeyError as e:
+        raise CheckpointError(f"{where}: missing field {e.args[0]!r}") from None
+
+
+def config_to_hf(config: LlamaConfig) -> dict[str, Any]:
+    """A transformers-5 config dict for ``config`` (unmodelled original fields kept)."""
+    rope = config.rope
+    rope_parameters: dict[str, Any] = {"rope_type": rope.rope_type, "rope_theta": rope.theta}
+    if rope.rope_type in ("linear", "llama3"):
+        rope_parameters["factor"] = rope.factor
+    if rope.rope_type == "llama3":
+        rope_parameters.update(
+            low_freq_factor=rope.low_freq_factor,
+            high_freq_factor=rope.high_freq_factor,
+            original_max_position_embeddings=rope.original_max_position_embeddings,
+        )
+    hf = dict(config.hf_extra)
+    hf.update(
+        architectures=[config.architecture],
+        model_type="llama",
+        vocab_size=config.vocab_size,
+        hidden_size=config.hidden_size,
+        intermediate_size=config.intermediate_size,
+        num_hidden_layers=config.num_hidden_layers,
+        num_attention_heads=config.num_attention_heads,
+        num_key_value_heads=config.num_key_value_heads,
+        head_dim=config.head_dim,
+        rms_norm_eps=config.rms_norm_eps,
+        rope_parameters=rope_parameters,
+        tie_word_embeddings=config.tie_word_embeddings,
+        attention_bias=config.attention_bias,
+        mlp_bias=config.mlp_bias,
+        dtype=config.param_dtype,
+    )
+    if config.architecture == "LlamaForSequenceClassification":
+        hf.setdefault("num_labels", 1)
+        hf.setdefault("id2label", {"0": "LABEL_0"})
+        hf.setdefault("label2id", {"LABEL_0": 0})
+    if config.architecture == "LlamaModelForScore":
+        hf.setdefault("score_dim", 1)
+    return hf
+
+
+# ----------------------------------------------------------------------------- tensor map
+
+
+@dataclass(frozen=True)
+class TensorMap:
+    """How one of our parameters relates to Hugging Face tensors.
+
+    ``hf_name`` has ``{i}`` for per-layer tensors (ours are stacked over layers).
+    ``to_ours`` turns one HF tensor into our layout using views only (reshape of a
+    contiguous array, transpose), so slicing the result reads only that block.
+    """
+
+    hf_name: str
+    to_ours: Callable[[np.ndarray, LlamaConfig], np.ndarray]
+    to_hf: Callable[[np.ndarray, LlamaConfig], np.ndarray]
+    hf_shape: Callable[[LlamaConfig], tuple[int, ...]]
+
+    @property
+    def per_layer(self) -> bool:
+        return "{i}" in self.hf_name
+
+
+def _same(x, c):
+    return x
+
+
+def _transpose(x, c):
+    return x.T
+
+
+def _heads_in(n_heads: Callable[[LlamaConfig], int]) -> TensorMap:
+    """q/k/v: HF [heads*hd, hidden] <-> ours [hidden, heads, hd]."""
+    return dict(
+        to_ours=lambda x, c: x.reshape(n_heads(c), c.head_dim, c.hidden_size).transpose(2, 0, 1),
+        to_hf=lambda x, c: x.transpose(1, 2, 0).reshape(n_heads(c) * c.head_dim, c.hidden_size),
+        hf_shape=lambda c: (n_heads(c) * c.head_dim, c.hidden_size),
+    )
+
+
+def _heads_bias(n_heads: Callable[[LlamaConfig], int]) -> dict:
+    return dict(
+        to_ours=lambda x, c: x.reshape(n_heads(c), c.head_dim),
+        to_hf=lambda x, c: x.reshape(-1),
+        hf_shape=lambda c: (n_heads(c) * c.head_dim,),
+    )
+
+
+def _vector(size: Callable[[LlamaConfig], int]) -> dict:
+    return dict(to_ours=_same, to_hf=_same, hf_shape=lambda c: (size(c),))
+
+
+def _linear(n_in: Callable, n_out: Callable) -> dict:
+    """A torch Linear weight [out, in] <-> ours [in, out]."""
+    return dict(to_ours=_transpose, to_hf=_transpose, hf_shape=lambda c: (n_out(c), n_in(c)))
+
+
+def _heads(c):
+    return c.num_attention_heads
+
+
+def _kv_heads(c):
+    return c.num_key_value_heads
+
+
+def _hidden(c):
+    return c.hidden_size
+
+
+def _ffn(c):
+    return c.intermediate_size
+
+
+def _vocab(c):
+    return c.vocab_size
+
+
+def tensor_maps(config: LlamaConfig) -> dict[str, TensorMap]:
+    """Our parameter path -> TensorMap, for the parameters this config has."""
+    layer = "model.layers.{i}."
+    maps = {
+        "embed": TensorMap(
+            "model.embed_tokens.weight", _same, _same, lambda c: (c.vocab_size, c.hidden_size)
+        ),
+        "final_norm": TensorMap("model.norm.weight", **_vector(_hidden)),
+        "layers/input_norm": TensorMap(layer + "input_layernorm.weight", **_vector(_hidden)),
+        "layers/post_attention_norm": TensorMap(
+            layer + "post_attention_layernorm.weight", **_vector(_hidden)
+        ),
+        "layers/q": TensorMap(layer + "self_attn.q_proj.weight", **_heads_in(_heads)),
+        "layers/k": TensorMap(layer + "self_attn.k_proj.weight", **_heads_in(_kv_heads)),
+        "layers/v": TensorMap(layer + "self_attn.v_proj.weight", **_heads_in(_kv_heads)),
+        "layers/o": TensorMap(
+            layer + "self_attn.o_proj.weight",
+            to_ours=lambda x, c: x.reshape(
+                c.hidden_size, c.num_attention_heads, c.head_dim
+            ).transpose(1, 2, 0),
+            to_hf=lambda x, c: x.transpose(2, 0, 1).reshape(c.hidden_size, -1),
+            hf_shape=lambda c: (c.hidden_size, c.num_attention_heads * c.head_dim),
+        ),
+        "layers/gate": TensorMap(layer + "mlp.gate_proj.weight", **_linear(_hidden, _ffn)),
+        "layers/up": TensorMap(layer + "mlp.up_proj.weight", **_linear(_hidden, _ffn)),
+        "layers/down": TensorMap(layer + "mlp.down_proj.weight", **_linear(_ffn, _hidden)),
+    }
+    if config.attention_bias:
+        maps["layers/q_bias"] = TensorMap(layer + "self_attn.q_proj.bias", **_heads_bias(_heads))
+        maps["layers/k_bias"] = TensorMap(layer + "self_attn.k_proj.bias", **_heads_bias(_kv_heads))
+        maps["layers/v_bias"] = TensorMap(layer + "self_attn.v_proj.bias", **_heads_bias(_kv_heads))
+        maps["layers/o_bias"] = TensorMap(layer + "self_attn.o_proj.bias", **_vector(_hidden))
+    if config.mlp_bias:
+        maps["layers/gate_bias"] = TensorMap(layer + "mlp.gate_proj.bias", **_vector(_ffn))
+        maps["layers/up_bias"] = TensorMap(layer + "mlp.up_proj.bias", **_vector(_ffn))
+        maps["layers/down_bias"] = TensorMap(layer + "mlp.down_proj.bias", **_vector(_hidden))
+    if config.score_model:
+        head = ARCHITECTURES[config.architecture]
+        maps["score_head"] = TensorMap(head, **_linear(_hidden, lambda c: 1))
+    elif not config.tie_word_embeddings:
+        maps["lm_head"] = TensorMap("lm_head.weight", **_linear(_hidden, _vocab))
+    return maps
+
+
+def _hf_names(name: str, tmap: TensorMap, config: LlamaConfig) -> list[str]:
+    if not tmap.per_layer:
+        return [tmap.hf_name]
+    return [tmap.hf_name.format(i=i) for i in range(config.num_hidden_layers)]
+
+
+# ----------------------------------------------------------------------------- import
+
+
+def read_hf_config(path: str) -> dict[str, Any]:
+    config_path = os.path.join(path, "config.json")
+    if not os.path.isfile(config_path):
+        raise CheckpointError(f"{path}: no config.json (is this a Hugging Face model directory?)")
+    try:
+        with open(config_path, encoding="utf-8") as f:
+            return json.load(f)
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{config_path}: invalid JSON ({e})") from None
+
+
+def open_safetensors(path: str) -> SafetensorsReader:
+    """The reader over model.safetensors or the shards named by its index file."""
+    index = os.path.join(path, "model.safetensors.index.json")
+    if os.path.isfile(index):
+        with open(index, encoding="utf-8") as f:
+            files = sorted(set(json.load(f)["weight_map"].values()))
+        return SafetensorsReader(os.path.join(path, name) for name in files)
+    files = sorted(glob.glob(os.path.join(path, "*.safetensors")))
+    if files:
+        return SafetensorsReader(files)
+    pickles = sorted(glob.glob(os.path.join(path, "*.bin")) + glob.glob(os.path.join(path, "*.pt")))
+    if pickles:
+        raise CheckpointError(
+            f"{pickles[0]} is a pickle checkpoint, which sacpo_jax refuses to load (pickle can "
+            "run arbitrary code); safetensors is needed: convert it once with "
+            f"`python -c \"import transformers as t; t.AutoModel.from_pretrained('{path}')"
+            ".save_pretrained('OUT_DIR')\"` and load OUT_DIR"
+        )
+    raise CheckpointError(f"{path}: no model.safetensors or model-*.safetensors found")
+
+
+def check_tensors(reader: SafetensorsReader, config: LlamaConfig, path: str) -> None:
+    """Fail with one line on the first missing tensor or shape mismatch."""
+    for name, tmap in tensor_maps(config).items():
+        expected = tmap.hf_shape(config)
+        for hf_name in _hf_names(name, tmap, config):
+            if hf_name not in reader:
+                raise CheckpointError(f"{path}: missing tensor {hf_name}")
+            found = reader.info(hf_name).shape
+            if tuple(found) != tuple(expected):
+                raise CheckpointError(
+                    f"{path}: tensor {hf_name} has shape {tuple(found)}, expected {tuple(expected)}"
+                )
+
+
+def _block_reader(reader, name: str, tmap: TensorMap, config: LlamaConfig):
+    """read(index) -> our block at ``index``; per-layer tensors stack only the layers asked."""
+    hf_names = _hf_names(name, tmap, config)
+
+    def read(index: tuple[slice, ...]) -> np.ndarray:
+        if not tmap.per_layer:
+            return tmap.to_ours(reader.view(hf_names[0]), config)[index]
+        layers = range(config.num_hidden_layers)[index[0]]
+        blocks = [tmap.to_ours(reader.view(hf_names[i]), config)[index[1:]] for i in layers]
+        return np.stack(blocks)
+
+    return read
+
+
+def load_checkpoint(
+    path: str,
+    *,
+    dtype: str | None = None,
+    mesh: Mesh | None = None,
+    compute_dtype: str | None = None,
+    **options: Any,
+) -> Llama:
+    """Import a Hugging Face LLaMA directory as a sharded Llama module.
+
+    dtype: parameter dtype (default: the checkpoint's). mesh: where to place the
+    parameters (default: one device). options: LlamaConfig execution options
+    (remat, scan_layers).
+    """
+    hf = read_hf_config(path)
+    reader = open_safetensors(path)
+    stored = reader.info(
+        "model.embed_tokens.weight" if "model.embed_tokens.weight" in reader else reader.names()[0]
+    ).dtype
+    param_dtype = jnp.dtype(dtype or stored.name).name
+    where = os.path.join(path, "config.json")
+    config = config_from_hf(
+        hf, param_dtype=param_dtype, dtype=compute_dtype, where=where, **options
+    )
+    check_tensors(reader, config, path)
+    mesh = mesh or parallel.make_mesh(devices=jax.devices()[:1])
+    graphdef, abstract = nnx.split(nnx.eval_shape(lambda: Llama(config, rngs=nnx.Rngs(0))))
+    maps = tensor_maps(config)
+
+    def place(key_path, leaf):
+        name = parallel.path_name(key_path)
+        sharding = jax.sharding.NamedSharding(mesh, parallel.param_spec(name, leaf.shape, mesh))
+        read = _block_reader(reader, name, maps[name], config)
+        return parallel.place_from_host(leaf.shape, jnp.dtype(param_dtype), sharding, read)
+
+    state = jax.tree_util.tree_map_with_path(place, abstract)
+    return nnx.merge(graphdef, state)
+
+
+# ----------------------------------------------------------------------------- export
+
+
+def _to_host(x: jax.Array) -> np.ndarray:
+    """The full value on this host (all processes take part when it spans several)."""
+    if x.is_fully_addressable:
+        return np.asarray(x)
+    from jax.experimental import multihost_utils
+
+    return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+
+
+def _plan(model: Llama) -> list[PlannedTensor]:
+    config = model.config
+    params = {
+        parallel.path_name(p): leaf
+        for p, leaf in jax.tree_util.tree_leaves_with_path(nnx.state(model, nnx.Param))
+    }
+    plan = []
+    for name, tmap in tensor_maps(config).items():
+        array = params[name]
+        dtype = np.dtype(array.dtype)
+        cache: dict[str, np.ndarray] = {}
+
+        def produce(layer=None, array=array, tmap=tmap, cache=cache):
+            if "host" not in cache:  # gather once per parameter, then slice its layers
+                cache["host"] = _to_host(array)
+            host = cache["host"]
+            out = tmap.to_hf(host if layer is None else host[layer], config)
+            if layer is None or layer == config.num_hidden_layers - 1:
+                cache.clear()
+            return out
+
+        if tmap.per_layer:
+            for i, hf_name in enumerate(_hf_names(name, tmap, config)):
+                plan.append(
+                    PlannedTensor(
+                        hf_name, dtype, tmap.hf_shape(config), lambda f=produce, i=i: f(i)
+                    )
+                )
+        else:
+            plan.append(PlannedTensor(tmap.hf_name, dtype, tmap.hf_shape(config), produce))
+    return plan
+
+
+def save_checkpoint(
+    model: Llama, path: str, tokenizer: Any = None, *, max_shard_bytes: int = 5 * 2**30
+) -> None:
+    """Write config.json, safetensors (with an index when sharded) and the tokenizer."""
+    plan = _plan(model)
+    shards: list[list[PlannedTensor]] = [[]]
+    size = 0
+    for tensor in plan:
+        if shards[-1] and size + tensor.nbytes > max_shard_bytes:
+            shards.append([])
+            size = 0
+        shards[-1].append(tensor)
+        size += tensor.nbytes
+    writer = jax.process_index() == 0
+    if writer:
+        os.makedirs(path, exist_ok=True)
+    names = (
+        ["model.safetensors"]
+        if len(shards) == 1
+        else [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
+    )
+    for file_name, shard in zip(names, shards):
+        if writer:
+            write_safetensors(os.path.join(path, file_name), shard)
+        else:  # still take part in the gathers of sharded parameters
+            for tensor in shard:
+                tensor.produce()
+    if not writer:
+        return
+    if len(shards) > 1:
+        index = {
+            "metadata": {"total_size": sum(t.nbytes for t in plan)},
+            "weight_map": {t.name: f for f, shard in zip(names, shards) for t in shard},
+        }
+        with open(os.path.join(path, "model.safetensors.index.json"), "w") as f:
+            json.dump(index, f, indent=2)
+    with open(os.path.join(path, "config.json"), "w") as f:
+        json.dump(config_to_hf(model.config), f, indent=2, sort_keys=True)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(path)

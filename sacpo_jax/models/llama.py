@@ -1,0 +1,381 @@
+"""A LLaMA-family decoder in Flax NNX, plus a score-model variant for reward and cost models.
+
+Layout. Every per-layer weight is stored stacked over layers, with a leading axis of size
+``num_hidden_layers``. The same layout serves both execution modes: ``scan_layers=True``
+runs the layers with ``jax.lax.scan`` (one layer is compiled, deep models compile in
+seconds), ``scan_layers=False`` unrolls a Python loop over layer slices. Weights keep the
+shapes that make the math readable:
+
+    embed        [vocab, hidden]
+    q / k / v    [layers, hidden, heads | kv_heads, head_dim]
+    o            [layers, heads, head_dim, hidden]
+    gate / up    [layers, hidden, intermediate]
+    down         [layers, intermediate, hidden]
+    lm_head      [hidden, vocab]            (absent when embeddings are tied)
+    score_head   [hidden, 1]                (score models only)
+
+The block is the standard pre-norm LLaMA block:
+
+    h = x + Attn(RMSNorm(x));   y = h + SwiGLU(RMSNorm(h))
+    RMSNorm(x) = x / sqrt(mean(x^2) + eps) * w
+    SwiGLU(x)  = (silu(x W_gate) * (x W_up)) W_down
+
+Positions are derived from the attention mask (``cumsum(mask) - 1``), so left- and
+right-padded batches give the same values at real tokens as unpadded rows.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+ROPE_TYPES = ("default", "linear", "llama3")
+
+
+@dataclasses.dataclass(frozen=True)
+class RopeConfig:
+    """Rotary embedding settings: base frequency and optional context scaling."""
+
+    rope_type: str = "default"
+    theta: float = 10000.0
+    factor: float = 1.0
+    low_freq_factor: float = 1.0
+    high_freq_factor: float = 4.0
+    original_max_position_embeddings: int = 8192
+
+
+@dataclasses.dataclass(frozen=True)
+class LlamaConfig:
+    """Architecture (mirrors the Hugging Face config) plus execution options.
+
+    ``hf_extra_json`` keeps the Hugging Face config fields we do not model (token ids,
+    ``max_position_embeddings`` etc.) so that an export reproduces them. It is a JSON
+    string so that the config stays hashable (it is static under ``jax.jit``).
+    """
+
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_hidden_layers: int
+    num_attention_heads: int
+    num_key_value_heads: int
+    head_dim: int
+    rms_norm_eps: float = 1e-6
+    rope: RopeConfig = RopeConfig()
+    tie_word_embeddings: bool = False
+    attention_bias: bool = False
+    mlp_bias: bool = False
+    architecture: str = "LlamaForCausalLM"
+    param_dtype: str = "float32"
+    dtype: str = "float32"
+    remat: bool = False
+    scan_layers: bool = True
+    hf_extra_json: str = "{}"
+
+    def __post_init__(self):
+        if self.num_attention_heads % self.num_key_value_heads:
+            raise ValueError(
+                f"num_attention_heads={self.num_attention_heads} is not a multiple of "
+                f"num_key_value_heads={self.num_key_value_heads}"
+            )
+        if self.rope.rope_type not in ROPE_TYPES:
+            raise ValueError(
+                f"unsupported rope_type {self.rope.rope_type!r}; supported: {', '.join(ROPE_TYPES)}"
+            )
+
+    @property
+    def score_model(self) -> bool:
+        """True for reward/cost models: a hidden -> 1 head at the last real token."""
+        return self.architecture != "LlamaForCausalLM"
+
+    @property
+    def hf_extra(self) -> dict[str, Any]:
+        return json.loads(self.hf_extra_json)
+
+    def replace(self, **changes: Any) -> LlamaConfig:
+        return dataclasses.replace(self, **changes)
+
+
+def tiny_config(**overrides: Any) -> LlamaConfig:
+    """A small random-init config for tests, demos and benchmarks."""
+    base = dict(
+        vocab_size=256,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=16,
+    )
+    base.update(overrides)
+    return LlamaConfig(**base)
+
+
+# ----------------------------------------------------------------------------- math
+
+
+def rms_norm(x: jax.Array, weight: jax.Array, eps: float) -> jax.Array:
+    """x / sqrt(mean(x^2) + eps) * weight, computed in float32 and cast back."""
+    x32 = x.astype(jnp.float32)
+    normed = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + eps)
+    return (normed * weight.astype(jnp.float32)).astype(x.dtype)
+
+
+def rope_inverse_frequencies(head_dim: int, rope: RopeConfig) -> jax.Array:
+    """inv_freq_i = theta^(-2i/head_dim), rescaled by the rope type.
+
+    linear: inv_freq / factor.
+    llama3: wavelengths longer than original_ctx/low_freq_factor are divided by factor,
+    shorter than original_ctx/high_freq_factor are kept, and the band between is a
+    linear blend with smooth = (original_ctx/wavelength - low) / (high - low).
+    """
+    exponents = jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim
+    inv_freq = 1.0 / (rope.theta**exponents)
+    if rope.rope_type == "linear":
+        return inv_freq / rope.factor
+    if rope.rope_type == "llama3":
+        ctx = rope.original_max_position_embeddings
+        wavelength = 2 * math.pi / inv_freq
+        low_freq_wavelength = ctx / rope.low_freq_factor
+        high_freq_wavelength = ctx / rope.high_freq_factor
+        smooth = (ctx / wavelength - rope.low_freq_factor) / (
+            rope.high_freq_factor - rope.low_freq_factor
+        )
+        blended = (1 - smooth) * inv_freq / rope.factor + smooth * inv_freq
+        scaled = jnp.where(wavelength > low_freq_wavelength, inv_freq / rope.factor, inv_freq)
+        in_band = (wavelength <= low_freq_wavelength) & (wavelength >= high_freq_wavelength)
+        return jnp.where(in_band, blended, scaled)
+    return inv_freq
+
+
+def apply_rope(x: jax.Array, positions: jax.Array, inv_freq: jax.Array) -> jax.Array:
+    """Rotate halves: x*cos + rotate_half(x)*sin, angles = position * inv_freq.
+
+    x: [batch, seq, heads, head_dim]; positions: [batch, seq].
+    """
+    angles = positions[..., None].astype(jnp.float32) * inv_freq  # [b, s, d/2]
+    angles = jnp.concatenate([angles, angles], axis=-1)[:, :, None, :]
+    cos, sin = jnp.cos(angles), jnp.sin(angles)
+    x32 = x.astype(jnp.float32)
+    first, second = jnp.split(x32, 2, axis=-1)
+    rotated = jnp.concatenate([-second, first], axis=-1)
+    return (x32 * cos + rotated * sin).astype(x.dtype)
+
+
+def positions_from_mask(attention_mask: jax.Array) -> jax.Array:
+    """Position of each token among the real tokens of its row: cumsum(mask) - 1, >= 0."""
+    return jnp.maximum(jnp.cumsum(attention_mask, axis=-1) - 1, 0)
+
+
+def attention_bias(query_mask: jax.Array, key_mask: jax.Array, causal: bool) -> jax.Array:
+    """Additive bias [batch, 1, q, k]: 0 where a query may attend to a key, -inf-ish else.
+
+    A finite minimum (not -inf) keeps fully masked rows (pads in a left-padded batch)
+    free of NaNs; their outputs are never used.
+    """
+    allowed = key_mask[:, None, None, :].astype(bool)
+    if causal:
+        q_len, k_len = query_mask.shape[-1], key_mask.shape[-1]
+        offset = k_len - q_len
+        causal_ok = jnp.arange(k_len)[None, :] <= (jnp.arange(q_len)[:, None] + offset)
+        allowed = allowed & causal_ok[None, None]
+    return jnp.where(allowed, 0.0, jnp.finfo(jnp.float32).min)
+
+
+def attend(q: jax.Array, k: jax.Array, v: jax.Array, bias: jax.Array) -> jax.Array:
+    """Grouped-query attention: softmax(q k^T / sqrt(d) + bias) v.
+
+    q: [b, s, heads, d]; k, v: [b, t, kv_heads, d]; heads = kv_heads * groups.
+    """
+    b, s, heads, d = q.shape
+    kv_heads = k.shape[2]
+    q = q.reshape(b, s, kv_heads, heads // kv_heads, d)
+    scores = jnp.einsum("bskgd,btkd->bkgst", q, k).astype(jnp.float32) / math.sqrt(d)
+    scores = scores + bias[:, :, None]  # bias [b,1,s,t] -> [b,1,1,s,t]
+    weights = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
+    out = jnp.einsum("bkgst,btkd->bskgd", weights, v)
+    return out.reshape(b, s, heads, d)
+
+
+# ----------------------------------------------------------------------------- module
+
+
+def _param(rngs: nnx.Rngs, shape: tuple[int, ...], dtype, std: float | None) -> nnx.Param:
+    """A parameter drawn from N(0, std^2), or ones when std is None (norm weights)."""
+    if std is None:
+        return nnx.Param(jnp.ones(shape, dtype))
+    return nnx.Param((std * jax.random.normal(rngs.params(), shape)).astype(dtype))
+
+
+class DecoderLayers(nnx.Module):
+    """All decoder blocks, weights stacked on a leading layer axis."""
+
+    def __init__(self, config: LlamaConfig, rngs: nnx.Rngs, init_std: float = 0.02):
+        c, dt = config, jnp.dtype(config.param_dtype)
+        n, d, f = c.num_hidden_layers, c.hidden_size, c.intermediate_size
+        h, kv, hd = c.num_attention_heads, c.num_key_value_heads, c.head_dim
+        self.input_norm = _param(rngs, (n, d), dt, None)
+        self.post_attention_norm = _param(rngs, (n, d), dt, None)
+        self.q = _param(rngs, (n, d, h, hd), dt, init_std)
+        self.k = _param(rngs, (n, d, kv, hd), dt, init_std)
+        self.v = _param(rngs, (n, d, kv, hd), dt, init_std)
+        self.o = _param(rngs, (n, h, hd, d), dt, init_std)
+        self.gate = _param(rngs, (n, d, f), dt, init_std)
+        self.up = _param(rngs, (n, d, f), dt, init_std)
+        self.down = _param(rngs, (n, f, d), dt, init_std)
+        if c.attention_bias:
+            self.q_bias = nnx.Param(jnp.zeros((n, h, hd), dt))
+            self.k_bias = nnx.Param(jnp.zeros((n, kv, hd), dt))
+            self.v_bias = nnx.Param(jnp.zeros((n, kv, hd), dt))
+            self.o_bias = nnx.Param(jnp.zeros((n, d), dt))
+        if c.mlp_bias:
+            self.gate_bias = nnx.Param(jnp.zeros((n, f), dt))
+            self.up_bias = nnx.Param(jnp.zeros((n, f), dt))
+            self.down_bias = nnx.Param(jnp.zeros((n, d), dt))
+
+
+def _bias(layer: dict[str, jax.Array], name: str, dtype) -> jax.Array | float:
+    return layer[name].astype(dtype) if name in layer else 0.0
+
+
+def decoder_block(
+    layer: dict[str, jax.Array],
+    x: jax.Array,
+    positions: jax.Array,
+    bias: jax.Array,
+    config: LlamaConfig,
+    inv_freq: jax.Array,
+    kv_cache: tuple[jax.Array, jax.Array] | None = None,
+    cache_index: jax.Array | None = None,
+) -> tuple[jax.Array, tuple[jax.Array, jax.Array] | None]:
+    """One pre-norm LLaMA block on one layer's weights (a dict of un-stacked arrays).
+
+    With ``kv_cache`` ([b, max_len, kv_heads, d] keys and values), the new keys and
+    values are written at ``cache_index`` and attention runs over the whole cache; the
+    bias must then cover the cache length.
+    """
+    dt = jnp.dtype(config.dtype)
+    w = {name: value.astype(dt) for name, value in layer.items()}
+    h = rms_norm(x, layer["input_norm"], config.rms_norm_eps)
+    q = jnp.einsum("bsd,dhe->bshe", h, w["q"]) + _bias(w, "q_bias", dt)
+    k = jnp.einsum("bsd,dhe->bshe", h, w["k"]) + _bias(w, "k_bias", dt)
+    v = jnp.einsum("bsd,dhe->bshe", h, w["v"]) + _bias(w, "v_bias", dt)
+    q, k = apply_rope(q, positions, inv_freq), apply_rope(k, positions, inv_freq)
+    if kv_cache is not None:
+        k_all = jax.lax.dynamic_update_slice_in_dim(
+            kv_cache[0], k.astype(kv_cache[0].dtype), cache_index, 1
+        )
+        v_all = jax.lax.dynamic_update_slice_in_dim(
+            kv_cache[1], v.astype(kv_cache[1].dtype), cache_index, 1
+        )
+        kv_cache = (k_all, v_all)
+        k, v = k_all.astype(dt), v_all.astype(dt)
+    attn = attend(q, k, v, bias)
+    x = x + jnp.einsum("bshe,hed->bsd", attn, w["o"]) + _bias(w, "o_bias", dt)
+    h = rms_norm(x, layer["post_attention_norm"], config.rms_norm_eps)
+    gate = jnp.einsum("bsd,df->bsf", h, w["gate"]) + _bias(w, "gate_bias", dt)
+    up = jnp.einsum("bsd,df->bsf", h, w["up"]) + _bias(w, "up_bias", dt)
+    x = x + jnp.einsum("bsf,fd->bsd", jax.nn.silu(gate) * up, w["down"]) + _bias(w, "down_bias", dt)
+    return x, kv_cache
+
+
+def run_layers(
+    layers: dict[str, jax.Array],
+    x: jax.Array,
+    positions: jax.Array,
+    bias: jax.Array,
+    config: LlamaConfig,
+    kv_caches: tuple[jax.Array, jax.Array] | None = None,
+    cache_index: jax.Array | None = None,
+) -> tuple[jax.Array, tuple[jax.Array, jax.Array] | None]:
+    """Apply every block in order, scanned or unrolled; caches are stacked [layers, ...]."""
+    inv_freq = rope_inverse_frequencies(config.head_dim, config.rope)
+
+    def block(x, layer_and_cache):
+        layer, cache = layer_and_cache
+        return decoder_block(layer, x, positions, bias, config, inv_freq, cache, cache_index)
+
+    if config.remat:
+        block = jax.checkpoint(block, policy=jax.checkpoint_policies.nothing_saveable)
+    if config.scan_layers:
+        return jax.lax.scan(block, x, (layers, kv_caches))
+    new_caches = []
+    for i in range(config.num_hidden_layers):
+        cache_i = None if kv_caches is None else jax.tree.map(lambda c, i=i: c[i], kv_caches)
+        x, cache_i = block(x, (jax.tree.map(lambda p, i=i: p[i], layers), cache_i))
+        new_caches.append(cache_i)
+    if kv_caches is None:
+        return x, None
+    return x, jax.tree.map(lambda *c: jnp.stack(c), *new_caches)
+
+
+class Llama(nnx.Module):
+    """LLaMA causal LM (``score_model=False``) or score model (``score_model=True``).
+
+    ``model(input_ids, attention_mask)`` returns logits [batch, seq, vocab] for a causal
+    LM, and scores [batch] read at each row's last real token for a score model.
+    """
+
+    def __init__(self, config: LlamaConfig, *, rngs: nnx.Rngs, init_std: float = 0.02):
+        self.config = config
+        dt = jnp.dtype(config.param_dtype)
+        self.embed = _param(rngs, (config.vocab_size, config.hidden_size), dt, init_std)
+        self.layers = DecoderLayers(config, rngs, init_std)
+        self.final_norm = _param(rngs, (config.hidden_size,), dt, None)
+        if config.score_model:
+            self.score_head = _param(rngs, (config.hidden_size, 1), dt, init_std)
+        elif not config.tie_word_embeddings:
+            self.lm_head = _param(rngs, (config.hidden_size, config.vocab_size), dt, init_std)
+
+    def layer_weights(self) -> dict[str, jax.Array]:
+        return {
+            name: value[...]
+            for name, value in vars(self.layers).items()
+            if isinstance(value, nnx.Param)
+        }
+
+    def hidden_states(
+        self,
+        input_ids: jax.Array,
+        attention_mask: jax.Array | None = None,
+        positions: jax.Array | None = None,
+    ) -> jax.Array:
+        """Final-norm hidden states [batch, seq, hidden]."""
+        if attention_mask is None:
+            attention_mask = jnp.ones_like(input_ids)
+        if positions is None:
+            positions = positions_from_mask(attention_mask)
+        x = self.embed[...][input_ids].astype(jnp.dtype(self.config.dtype))
+        bias = attention_bias(attention_mask, attention_mask, causal=True)
+        x, _ = run_layers(self.layer_weights(), x, positions, bias, self.config)
+        return rms_norm(x, self.final_norm[...], self.config.rms_norm_eps)
+
+    def logits_from_hidden(self, hidden: jax.Array) -> jax.Array:
+        """hidden @ lm_head (or @ embed^T when tied), in float32."""
+        if self.config.tie_word_embeddings:
+            head = self.embed[...].T
+        else:
+            head = self.lm_head[...]
+        return jnp.einsum("bsd,dv->bsv", hidden, head.astype(hidden.dtype)).astype(jnp.float32)
+
+    def __call__(self, input_ids: jax.Array, attention_mask: jax.Array | None = None) -> jax.Array:
+        hidden = self.hidden_states(input_ids, attention_mask)
+        if not self.config.score_model:
+            return self.logits_from_hidden(hidden)
+        if attention_mask is None:
+            attention_mask = jnp.ones_like(input_ids)
+        last = last_token_index(attention_mask)
+        at_last = jnp.take_along_axis(hidden, last[:, None, None], axis=1)[:, 0]
+        return (at_last @ self.score_head[...].astype(at_last.dtype))[:, 0].astype(jnp.float32)
+
+
+def last_token_index(attention_mask: jax.Array) -> jax.Array:
+    """Index of the last real token of each row (works for left and right padding)."""
+    seq = attention_mask.shape[-1]
+    return seq - 1 - jnp.argmax(jnp.flip(attention_mask, axis=-1), axis=-1)

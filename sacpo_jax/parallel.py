@@ -1,0 +1,172 @@
+"""Meshes, partition rules and sharded placement. The only module that names mesh axes.
+
+The mesh has three axes:
+    data    pure data parallelism (parameters replicated),
+    fsdp    data parallelism with parameters and optimiser state sharded over one dim,
+    tensor  tensor parallelism over attention heads, MLP width and vocabulary.
+A batch is split over ("data", "fsdp"). Each parameter gets a PartitionSpec from
+PARAM_RULES; an axis that does not divide its dimension is dropped (replicated), so
+every config runs on every mesh, e.g. 2 KV heads on a tensor axis of 4.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+MESH_AXES = ("data", "fsdp", "tensor")
+BATCH_AXES = ("data", "fsdp")
+
+# Parameter path (joined with "/") -> preferred axis per dimension.
+PARAM_RULES: dict[str, tuple[str | None, ...]] = {
+    "embed": ("tensor", "fsdp"),
+    "lm_head": ("fsdp", "tensor"),
+    "score_head": ("fsdp", None),
+    "final_norm": (None,),
+    "layers/input_norm": (None, None),
+    "layers/post_attention_norm": (None, None),
+    "layers/q": (None, "fsdp", "tensor", None),
+    "layers/k": (None, "fsdp", "tensor", None),
+    "layers/v": (None, "fsdp", "tensor", None),
+    "layers/o": (None, "tensor", None, "fsdp"),
+    "layers/gate": (None, "fsdp", "tensor"),
+    "layers/up": (None, "fsdp", "tensor"),
+    "layers/down": (None, "tensor", "fsdp"),
+    "layers/q_bias": (None, "tensor", None),
+    "layers/k_bias": (None, "tensor", None),
+    "layers/v_bias": (None, "tensor", None),
+    "layers/o_bias": (None, None),
+    "layers/gate_bias": (None, "tensor"),
+    "layers/up_bias": (None, "tensor"),
+    "layers/down_bias": (None, None),
+}
+
+
+def resolve_mesh_shape(sizes: dict[str, int], device_count: int) -> tuple[int, ...]:
+    """Axis sizes in MESH_AXES order; one size may be -1, meaning "the rest"."""
+    shape = [int(sizes.get(axis, 1)) for axis in MESH_AXES]
+    if shape.count(-1) > 1:
+        raise ValueError(f"mesh: at most one axis may be -1, got {sizes}")
+    known = math.prod(s for s in shape if s != -1)
+    if -1 in shape:
+        if device_count % known:
+            raise ValueError(f"mesh {sizes}: {device_count} devices do not divide by {known}")
+        shape[shape.index(-1)] = device_count // known
+    if math.prod(shape) != device_count:
+        raise ValueError(
+            f"mesh {dict(zip(MESH_AXES, shape))} needs {math.prod(shape)} devices, "
+            f"but {device_count} are available"
+        )
+    return tuple(shape)
+
+
+def make_mesh(data: int = 1, fsdp: int = -1, tensor: int = 1, devices: list | None = None) -> Mesh:
+    """A (data, fsdp, tensor) mesh over all (or the given) devices; -1 = the rest."""
+    devices = jax.devices() if devices is None else devices
+    shape = resolve_mesh_shape({"data": data, "fsdp": fsdp, "tensor": tensor}, len(devices))
+    auto = (jax.sharding.AxisType.Auto,) * len(MESH_AXES)
+    if len(devices) == len(jax.devices()):
+        return jax.make_mesh(shape, MESH_AXES, axis_types=auto)
+    return Mesh(np.asarray(devices).reshape(shape), MESH_AXES, axis_types=auto)
+
+
+def fit_spec(
+    preferred: tuple[str | None, ...], shape: tuple[int, ...], mesh: Mesh
+) -> PartitionSpec:
+    """Drop each axis that does not divide its dimension (or is trivial on this mesh)."""
+    axes = []
+    for axis, dim in zip(preferred, shape):
+        size = mesh.shape[axis] if axis else 1
+        axes.append(axis if axis and size > 1 and dim % size == 0 else None)
+    return PartitionSpec(*axes)
+
+
+def path_name(path: tuple) -> str:
+    """'layers/q' from a pytree key path, ignoring non-dict keys (e.g. a Variable's value)."""
+    parts = []
+    for key in path:
+        name = getattr(key, "key", getattr(key, "name", None))
+        if isinstance(name, str) and name != "value":
+            parts.append(name)
+    return "/".join(parts)
+
+
+def param_spec(name: str, shape: tuple[int, ...], mesh: Mesh) -> PartitionSpec:
+    """The PartitionSpec of one parameter, by its path name."""
+    if name not in PARAM_RULES:
+        raise KeyError(f"no partition rule for parameter {name!r}")
+    return fit_spec(PARAM_RULES[name], shape, mesh)
+
+
+def param_shardings(params: Any, mesh: Mesh) -> Any:
+    """A pytree of NamedShardings matching ``params`` (arrays or ShapeDtypeStructs)."""
+
+    def sharding(path, leaf):
+        return NamedSharding(mesh, param_spec(path_name(path), tuple(leaf.shape), mesh))
+
+    return jax.tree_util.tree_map_with_path(sharding, params)
+
+
+def batch_sharding(mesh: Mesh, ndim: int = 2) -> NamedSharding:
+    """Rows split over (data, fsdp); the remaining dims replicated."""
+    return NamedSharding(mesh, PartitionSpec(BATCH_AXES, *([None] * (ndim - 1))))
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+    return NamedSharding(mesh, PartitionSpec())
+
+
+def place_from_host(
+    shape: tuple[int, ...],
+    dtype: Any,
+    sharding: NamedSharding,
+    read: Callable[[tuple[slice, ...]], np.ndarray],
+) -> jax.Array:
+    """Build a global array shard by shard: ``read(index)`` returns only that block.
+
+    No process ever holds more of the array than its own devices' shards (plus the
+    block being read), so large checkpoints load without a full replicated copy.
+    """
+
+    def callback(index: tuple[slice, ...]) -> np.ndarray:
+        return np.asarray(read(index), dtype=dtype)
+
+    return jax.make_array_from_callback(shape, sharding, callback)
+
+
+def initialize_distributed(
+    coordinator_address: str | None = None,
+    num_processes: int | None = None,
+    process_id: int | None = None,
+) -> bool:
+    """Start jax.distributed when running on several hosts; returns True if it started.
+
+    Cloud TPU pods are detected by JAX itself (no arguments needed); for GPU and CPU
+    hosts the three values come from the arguments or from SACPO_COORDINATOR,
+    SACPO_NUM_PROCESSES and SACPO_PROCESS_ID.
+    """
+    coordinator_address = coordinator_address or os.environ.get("SACPO_COORDINATOR")
+    if num_processes is None and "SACPO_NUM_PROCESSES" in os.environ:
+        num_processes = int(os.environ["SACPO_NUM_PROCESSES"])
+    if process_id is None and "SACPO_PROCESS_ID" in os.environ:
+        process_id = int(os.environ["SACPO_PROCESS_ID"])
+    on_tpu_pod = (
+        "TPU_WORKER_HOSTNAMES" in os.environ or "MEGASCALE_COORDINATOR_ADDRESS" in os.environ
+    )
+    if coordinator_address and num_processes and num_processes > 1:
+        jax.distributed.initialize(
+            coordinator_address=coordinator_address,
+            num_processes=num_processes,
+            process_id=process_id,
+        )
+        return True
+    if on_tpu_pod:
+        jax.distributed.initialize()
+        return True
+    return False
