@@ -358,10 +358,7 @@ class Llama(nnx.Module):
 
     def logits_from_hidden(self, hidden: jax.Array) -> jax.Array:
         """hidden @ lm_head (or @ embed^T when tied), in float32."""
-        if self.config.tie_word_embeddings:
-            head = self.embed[...].T
-        else:
-            head = self.lm_head[...]
+        head = self.embed[...].T if self.config.tie_word_embeddings else self.lm_head[...]
         return jnp.einsum("bsd,dv->bsv", hidden, head.astype(hidden.dtype)).astype(jnp.float32)
 
     def __call__(self, input_ids: jax.Array, attention_mask: jax.Array | None = None) -> jax.Array:
