@@ -1,0 +1,236 @@
+"""Deterministic, per-process batches with static shapes, assembled into global jax.Arrays.
+
+Order: epoch e visits the examples in ``permutation(seed, e)`` (or in stored
+order without shuffling). Global step s is batch ``s % steps_per_epoch`` of
+epoch ``s // steps_per_epoch``, so a batch is a pure function of
+(seed, step): resuming at step k gives exactly the batches k, k+1, ... of an
+uninterrupted run. Process p of P takes rows [p*b, (p+1)*b) of each global
+batch of P*b rows, so the processes partition every epoch.
+
+Shapes: a batch is padded (right) to the smallest bucket length that fits its
+longest sequence in the *global* batch; every process computes that length
+from the dataset's stored lengths, so all agree without communicating, and
+only a few distinct shapes ever reach the compiled step.
+
+Batch layouts (dicts of numpy arrays, leading dim = per-process batch, or
+[accum, micro] with gradient accumulation):
+- pair / score_pair: chosen_{input_ids, attention_mask, loss_mask},
+  rejected_{...}, plus every dataset column (chosen_sign, rejected_sign for
+  score pairs; label; scores; reference log-probs).
+- unpaired: input_ids, attention_mask, loss_mask, label, plus
+  kl_{input_ids, attention_mask, loss_mask}: prompt i with the completion of
+  row (i + 1) mod b of the same per-process batch (the KTO KL estimate).
+- sft: input_ids, attention_mask, loss_mask.
+Token arrays are int32; integer columns int32, float columns float32. Eval
+loaders (``drop_remainder=False``) pad the last batch with empty rows and add
+``valid`` (int32, 1 for real rows).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+
+import jax
+import numpy as np
+
+from sacpo_jax.data.dataset import TokenizedDataset
+from sacpo_jax.data.tokenize import pack
+
+_EMPTY = np.zeros(0, dtype=np.int32)
+
+
+def bucket_length(needed: int, buckets: Sequence[int]) -> int:
+    """The smallest bucket >= needed, or the largest bucket when none is."""
+    fitting = [b for b in sorted(buckets) if b >= needed]
+    return fitting[0] if fitting else max(buckets)
+
+
+class BatchLoader:
+    """Batches of a `TokenizedDataset` for one process.
+
+    ``global_batch_size`` counts rows over all processes; each process gets
+    ``global_batch_size // process_count`` rows per step, reshaped to
+    ``[grad_accum, rows // grad_accum, ...]`` when ``grad_accum > 1``.
+    Training loaders shuffle and drop the incomplete last batch of an epoch;
+    eval loaders (``shuffle=False, drop_remainder=False``) keep every row.
+    """
+
+    def __init__(
+        self,
+        dataset: TokenizedDataset,
+        *,
+        global_batch_size: int,
+        buckets: Sequence[int],
+        pad_id: int,
+        seed: int = 0,
+        shuffle: bool = True,
+        drop_remainder: bool = True,
+        process_index: int = 0,
+        process_count: int = 1,
+        grad_accum: int = 1,
+    ) -> None:
+        if global_batch_size % process_count:
+            raise ValueError(
+                f"global batch {global_batch_size} is not divisible by {process_count} processes"
+            )
+        self.local_batch_size = global_batch_size // process_count
+        if self.local_batch_size % grad_accum:
+            raise ValueError(
+                f"per-process batch {self.local_batch_size} is not divisible by "
+                f"grad_accum {grad_accum}"
+            )
+        if drop_remainder and len(dataset) < global_batch_size:
+            raise ValueError(
+                f"{len(dataset)} examples cannot fill one batch of {global_batch_size}"
+            )
+        if dataset.sequence_lengths().max() > max(buckets):
+            raise ValueError(
+                f"the largest bucket {max(buckets)} is shorter than the longest example "
+                f"({dataset.sequence_lengths().max()} tokens)"
+            )
+        if not 0 <= process_index < process_count:
+            raise ValueError(f"process_index {process_index} outside [0, {process_count})")
+        self.dataset = dataset
+        self.global_batch_size = global_batch_size
+        self.buckets = tuple(sorted(buckets))
+        self.pad_id = pad_id
+        self.seed = seed
+        self.shuffle = shuffle
+        self.drop_remainder = drop_remainder
+        self.process_index = process_index
+        self.grad_accum = grad_accum
+        self._lengths = dataset.sequence_lengths()
+
+    @property
+    def steps_per_epoch(self) -> int:
+        full, rest = divmod(len(self.dataset), self.global_batch_size)
+        return full if self.drop_remainder or not rest else full + 1
+
+    def epoch_order(self, epoch: int) -> np.ndarray:
+        """The example indices of one epoch, in visiting order."""
+        if not self.shuffle:
+            return np.arange(len(self.dataset))
+        return np.random.default_rng([self.seed, epoch]).permutation(len(self.dataset))
+
+    def global_indices(self, step: int) -> np.ndarray:
+        """Example indices of the global batch at ``step``; -1 marks padding rows (eval)."""
+        epoch, position = divmod(step, self.steps_per_epoch)
+        start = position * self.global_batch_size
+        chosen = self.epoch_order(epoch)[start : start + self.global_batch_size]
+        padding = np.full(self.global_batch_size - len(chosen), -1, dtype=np.int64)
+        return np.concatenate([chosen, padding])
+
+    def local_indices(self, step: int) -> np.ndarray:
+        """This process's share of the global batch at ``step``."""
+        start = self.process_index * self.local_batch_size
+        return self.global_indices(step)[start : start + self.local_batch_size]
+
+    def batch(self, step: int) -> dict[str, np.ndarray]:
+        """This process's batch at global ``step``, as numpy arrays."""
+        global_indices = self.global_indices(step)
+        length = bucket_length(self._needed_length(global_indices), self.buckets)
+        indices = self.local_indices(step)
+        arrays = _COLLATE[self.dataset.kind](self.dataset, indices, length, self.pad_id)
+        arrays.update(_columns(self.dataset, indices))
+        if not self.drop_remainder:
+            arrays["valid"] = (indices >= 0).astype(np.int32)
+        if self.grad_accum > 1:
+            micro = self.local_batch_size // self.grad_accum
+            arrays = {k: v.reshape(self.grad_accum, micro, *v.shape[1:]) for k, v in arrays.items()}
+        return arrays
+
+    def __iter__(self) -> Iterator[dict[str, np.ndarray]]:
+        return (batch for _, batch in self.iterate())
+
+    def iterate(
+        self, start_step: int = 0, num_steps: int | None = None
+    ) -> Iterator[tuple[int, dict[str, np.ndarray]]]:
+        """(step, batch) from ``start_step``; endless for training loaders unless ``num_steps``
+        is given, one pass for eval loaders."""
+        if num_steps is None and not self.drop_remainder:
+            num_steps = self.steps_per_epoch - start_step
+        step = start_step
+        while num_steps is None or step < start_step + num_steps:
+            yield step, self.batch(step)
+            step += 1
+
+    def _needed_length(self, global_indices: np.ndarray) -> int:
+        """Longest sequence of the global batch, KTO's mismatched KL pairs included."""
+        real = global_indices[global_indices >= 0]
+        needed = int(self._lengths[real].max()) if len(real) else 1
+        if self.dataset.kind == "unpaired":
+            prompts = self.dataset.prompts.lengths
+            completions = self.dataset.completions[0].lengths
+            for local in global_indices.reshape(-1, self.local_batch_size):
+                partners = np.roll(local, -1)
+                both = (local >= 0) & (partners >= 0)
+                if both.any():
+                    kl = prompts[local[both]] + completions[partners[both]]
+                    needed = max(needed, int(kl.max()))
+        return needed
+
+
+def make_global(batch: dict[str, np.ndarray], sharding: jax.sharding.Sharding) -> dict:
+    """Per-process batches -> global jax.Arrays laid out by ``sharding``.
+
+    ``sharding`` shards the batch dimension (e.g. NamedSharding(mesh,
+    P(("data", "fsdp")))), or dimension 1 of [accum, micro, ...] batches
+    (P(None, ("data", "fsdp"))).
+    """
+    return {
+        name: jax.make_array_from_process_local_data(sharding, array)
+        for name, array in batch.items()
+    }
+
+
+def _pack_rows(prompts, completions, length: int, pad_id: int, prefix: str) -> dict:
+    """Pack rows (prompt_k + completion_k), cutting completions that would overflow."""
+    packed = [
+        pack(p, c[: max(length - len(p), 0)], length, pad_id)
+        for p, c in zip(prompts, completions, strict=True)
+    ]
+    names = ("input_ids", "attention_mask", "loss_mask")
+    return {f"{prefix}{name}": np.stack([row[j] for row in packed]) for j, name in enumerate(names)}
+
+
+def _tokens(ragged, indices: np.ndarray) -> list[np.ndarray]:
+    return [ragged[int(i)] if i >= 0 else _EMPTY for i in indices]
+
+
+def _collate_pair(dataset: TokenizedDataset, indices, length: int, pad_id: int) -> dict:
+    prompts = _tokens(dataset.prompts, indices)
+    chosen, rejected = (_tokens(c, indices) for c in dataset.completions)
+    return {
+        **_pack_rows(prompts, chosen, length, pad_id, "chosen_"),
+        **_pack_rows(prompts, rejected, length, pad_id, "rejected_"),
+    }
+
+
+def _collate_single(dataset: TokenizedDataset, indices, length: int, pad_id: int) -> dict:
+    prompts = _tokens(dataset.prompts, indices)
+    return _pack_rows(prompts, _tokens(dataset.completions[0], indices), length, pad_id, "")
+
+
+def _collate_unpaired(dataset: TokenizedDataset, indices, length: int, pad_id: int) -> dict:
+    prompts = _tokens(dataset.prompts, indices)
+    completions = _tokens(dataset.completions[0], indices)
+    shifted = completions[1:] + completions[:1]
+    kl = _pack_rows(prompts, shifted, length, pad_id, "kl_")
+    return {**_pack_rows(prompts, completions, length, pad_id, ""), **kl}
+
+
+_COLLATE = {
+    "pair": _collate_pair,
+    "score_pair": _collate_pair,
+    "unpaired": _collate_unpaired,
+    "sft": _collate_single,
+}
+
+
+def _columns(dataset: TokenizedDataset, indices: np.ndarray) -> dict[str, np.ndarray]:
+    """Scalar columns at ``indices`` (0 for padding rows): ints as int32, floats as float32."""
+    taken = {}
+    for name, values in dataset.columns.items():
+        dtype = np.float32 if values.dtype.kind == "f" else np.int32
+        taken[name] = np.where(indices >= 0, values[np.maximum(indices, 0)], 0).astype(dtype)
+    return taken
