@@ -21,6 +21,7 @@ setup(
         "datasets>=5.0",
         "tokenizers>=0.22",
         "numpy",
+        "scipy",
         "ml_dtypes",
         "pyyaml",
         "pydantic>=2",

@@ -1,0 +1,30 @@
+"""Log-probabilities of tokens under a causal LM: the bridge between models and losses.
+
+Convention (TRL): logits[:, t] predicts input_ids[:, t + 1], so the log-probability of
+token t >= 1 is log_softmax(logits[:, t - 1])[input_ids[:, t]], and a sequence's score
+is the sum over the positions where loss_mask is 1 (the completion, EOS included).
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+
+def token_logprobs(logits: jax.Array, input_ids: jax.Array) -> jax.Array:
+    """log p(input_ids[:, t] | input_ids[:, :t]) for t = 1..seq-1: shape [batch, seq - 1].
+
+    Computed as logit[target] - logsumexp(logits), in float32.
+    """
+    logits = logits[:, :-1].astype(jnp.float32)
+    targets = input_ids[:, 1:]
+    picked = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
+    return picked - jax.nn.logsumexp(logits, axis=-1)
+
+
+def sequence_logps(
+    logits: jax.Array, input_ids: jax.Array, loss_mask: jax.Array
+) -> tuple[jax.Array, jax.Array]:
+    """(sum of completion-token log-probs, number of completion tokens), each [batch]."""
+    mask = loss_mask[:, 1:].astype(jnp.float32)
+    return jnp.sum(token_logprobs(logits, input_ids) * mask, axis=-1), jnp.sum(mask, axis=-1)
