@@ -113,6 +113,24 @@ def param_shardings(params: Any, mesh: Mesh) -> Any:
     return jax.tree_util.tree_map_with_path(sharding, params)
 
 
+def state_shardings(tree: Any, mesh: Mesh) -> Any:
+    """Shardings for any pytree holding parameter-shaped leaves (params, Adam moments ...).
+
+    A leaf whose path ends in a parameter name (e.g. ``opt_state/.../mu/layers/q``)
+    follows that parameter's rule; every other leaf (step counters, rng) is replicated.
+    """
+
+    def sharding(path, leaf):
+        parts = path_name(path).split("/")
+        for start in range(len(parts)):
+            name = "/".join(parts[start:])
+            if name in PARAM_RULES and len(PARAM_RULES[name]) == len(leaf.shape):
+                return NamedSharding(mesh, param_spec(name, tuple(leaf.shape), mesh))
+        return NamedSharding(mesh, PartitionSpec())
+
+    return jax.tree_util.tree_map_with_path(sharding, tree)
+
+
 def batch_sharding(mesh: Mesh, ndim: int = 2) -> NamedSharding:
     """Rows split over (data, fsdp); the remaining dims replicated."""
     return NamedSharding(mesh, PartitionSpec(BATCH_AXES, *([None] * (ndim - 1))))
