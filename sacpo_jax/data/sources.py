@@ -62,7 +62,7 @@ def read_rows(spec: SourceSpec) -> Iterator[dict[str, Any]]:
         for element in _tfds_source(spec, label):
             yield _to_python(element)
     elif spec.type == "bundled":
-        yield from _import_oracle_task(spec).load_split(spec.name, spec.seed)
+        yield from _bundled_rows(spec, label)
 
 
 def _sha256(*chunks: bytes) -> str:
@@ -161,6 +161,14 @@ def _tfds_source(spec: SourceSpec, label: str):
         return tfds.data_source(spec.name, split=spec.split, data_dir=spec.data_dir)
     except Exception as err:  # noqa: BLE001 - any loading failure is a one-line data error
         raise DataError(label, f"cannot open TFDS source: {type(err).__name__}: {err}") from None
+
+
+def _bundled_rows(spec: SourceSpec, label: str) -> list[dict[str, Any]]:
+    oracle_task = _import_oracle_task(spec)
+    try:
+        return oracle_task.load_split(spec.name, spec.seed)
+    except ValueError as err:  # the task's own one-line errors (unknown split, bad seed)
+        raise DataError(label, str(err)) from None
 
 
 def _import_oracle_task(spec: SourceSpec):
