@@ -65,7 +65,11 @@ class CheckpointError(Exception):
 
 
 class StageCheckpointer:
-    """Async Orbax saves of (state, meta) every `save_every` steps, keeping the last `keep`."""
+    """Async Orbax saves of (state, meta) every `save_every` steps, keeping the last `keep`.
+
+    Opening one removes half-written steps left by a killed run, so open it only
+    from the run that owns the directory (or after that run has ended).
+    """
 
     def __init__(self, directory: str | os.PathLike, *, save_every: int, keep: int) -> None:
         if save_every < 1 or keep < 1:
