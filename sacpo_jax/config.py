@@ -1,0 +1,322 @@
+"""The typed schema of a run: YAML plus ``key.path=value`` overrides, validated by pydantic.
+
+A run is a model, a tokenizer, a mesh and a chain of stages. Every error is one line:
+an unknown key names itself and the nearest valid key, a wrong type names the key and
+the expected type, a missing file names the path.
+
+    python -m sacpo_jax.train --config configs/demo.yaml stages.dpo_h.beta=0.2 seed=1
+
+Override paths use dots; a list element is addressed by index (``stages.2.beta``) or,
+for stages, by name (``stages.dpo_h.beta``). Values are parsed as YAML (``0.1``,
+``[0.01, 0.05]``, ``true``, ``null``).
+"""
+
+from __future__ import annotations
+
+import difflib
+import os
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from sacpo_jax.data.spec import DataSpec
+
+BUNDLED_TOKENIZER = "bundled:oracle"
+
+
+class ConfigError(ValueError):
+    """An invalid configuration; the message is one line."""
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class MeshConfig(Strict):
+    """Device mesh sizes; one axis may be -1 ("the rest of the devices")."""
+
+    data: int = 1
+    fsdp: int = -1
+    tensor: int = 1
+
+
+class RandomModelConfig(Strict):
+    """Architecture of a randomly initialised LLaMA (vocab_size: the tokenizer's)."""
+
+    hidden_size: int = Field(64, gt=0)
+    intermediate_size: int = Field(128, gt=0)
+    num_hidden_layers: int = Field(2, gt=0)
+    num_attention_heads: int = Field(4, gt=0)
+    num_key_value_heads: int = Field(2, gt=0)
+    head_dim: int | None = None
+    rope_theta: float = 10000.0
+    tie_word_embeddings: bool = False
+    init_std: float = Field(0.02, gt=0)
+
+
+class ModelConfig(Strict):
+    """Where the first model comes from: an HF directory (``path``) or ``random``."""
+
+    path: str | None = None
+    random: RandomModelConfig | None = None
+    dtype: Literal["float32", "bfloat16"] | None = None
+    compute_dtype: Literal["float32", "bfloat16"] | None = None
+    remat: bool = False
+    scan_layers: bool = True
+
+    @field_validator("path")
+    @classmethod
+    def _exists(cls, path: str | None) -> str | None:
+        if path is not None and not os.path.isfile(os.path.join(path, "config.json")):
+            raise ValueError(f"no Hugging Face model at {path} (config.json not found)")
+        return path
+
+    @model_validator(mode="after")
+    def _one_source(self) -> ModelConfig:
+        if (self.path is None) == (self.random is None):
+            raise ValueError("set exactly one of model.path and model.random")
+        return self
+
+
+class TokenizerConfig(Strict):
+    """``path``: a tokenizer directory, ``bundled:oracle``, or null for model.path."""
+
+    path: str | None = None
+    trust_remote_code: bool = False
+
+    @field_validator("path")
+    @classmethod
+    def _exists(cls, path: str | None) -> str | None:
+        if path not in (None, BUNDLED_TOKENIZER) and not os.path.exists(path):
+            raise ValueError(f"tokenizer path {path} does not exist")
+        return path
+
+
+class TrainConfig(Strict):
+    """Optimisation of one stage (REFERENCE §2 defaults where they exist)."""
+
+    epochs: float = Field(1.0, gt=0)
+    max_steps: int | None = Field(None, gt=0)
+    batch_size: int = Field(32, gt=0)
+    grad_accum: int = Field(1, gt=0)
+    learning_rate: float = Field(2e-5, gt=0)
+    warmup_ratio: float = Field(0.03, ge=0, lt=1)
+    weight_decay: float = Field(0.0, ge=0)
+    max_grad_norm: float = Field(1.0, ge=0)
+    log_every: int = Field(10, gt=0)
+    eval_every: int | None = Field(None, gt=0)
+    save_every: int = Field(100, gt=0)
+    keep_checkpoints: int = Field(2, gt=0)
+    eval_batch_size: int | None = Field(None, gt=0)
+
+
+class StageBase(Strict):
+    name: str
+    start: str = "previous"
+    train: TrainConfig = TrainConfig()
+
+    @field_validator("name")
+    @classmethod
+    def _plain_name(cls, name: str) -> str:
+        if not name or any(c in name for c in "/\\ "):
+            raise ValueError(f"stage name {name!r} must be non-empty without '/', '\\' or spaces")
+        return name
+
+
+class SftStage(StageBase):
+    kind: Literal["sft"]
+    data: DataSpec
+    eval_data: DataSpec | None = None
+
+
+class ScoreStage(StageBase):
+    """A reward (Bradley-Terry) or cost (safe-rlhf cost loss) model from preference pairs.
+
+    ``start``: "previous" (a causal LM whose backbone is reused with a new score head),
+    an earlier stage, or an HF directory.
+    """
+
+    kind: Literal["reward", "cost"]
+    data: DataSpec
+    eval_data: DataSpec | None = None
+
+
+class PreferenceStage(StageBase):
+    """DPO-family or KTO against a frozen reference.
+
+    ``reference``: "start" (the stage's own starting model: SACPO's realignment),
+    an earlier stage's name, or an HF directory. ``beta`` may be a list: the stage
+    fans out into one run per value (a beta/lambda sweep), each from the same start.
+    ``reference_mode``: "precompute" (one pass before training, cached; only the policy
+    is in memory while training) or "on_the_fly" (a frozen copy scores every batch).
+    """
+
+    kind: Literal["dpo", "kto"]
+    data: DataSpec
+    eval_data: DataSpec | None = None
+    reference: str = "start"
+    beta: float | list[float] = 0.1
+    loss_type: Literal["sigmoid", "robust", "hinge", "ipo"] = "sigmoid"
+    label_smoothing: float = Field(0.0, ge=0, lt=0.5)
+    desirable_weight: float = Field(1.0, gt=0)
+    undesirable_weight: float | Literal["balanced"] = 1.0
+    reference_mode: Literal["precompute", "on_the_fly"] = "precompute"
+
+    @field_validator("beta")
+    @classmethod
+    def _positive(cls, beta: float | list[float]) -> float | list[float]:
+        values = beta if isinstance(beta, list) else [beta]
+        if not values or any(b <= 0 for b in values):
+            raise ValueError("beta must be > 0 (or a non-empty list of values > 0)")
+        return beta
+
+
+Stage = Annotated[SftStage | ScoreStage | PreferenceStage, Field(discriminator="kind")]
+
+
+class RunConfig(Strict):
+    name: str = "run"
+    run_dir: str | None = None
+    seed: int = 0
+    mesh: MeshConfig = MeshConfig()
+    model: ModelConfig
+    tokenizer: TokenizerConfig = TokenizerConfig()
+    stages: list[Stage]
+    tensorboard: bool = True
+    wandb_project: str | None = None
+    progress_bar: bool = True
+
+    @model_validator(mode="after")
+    def _unique_names(self) -> RunConfig:
+        names = [s.name for s in self.stages]
+        duplicates = sorted({n for n in names if names.count(n) > 1})
+        if duplicates:
+            raise ValueError(f"stage names must be unique: {', '.join(duplicates)}")
+        if self.tokenizer.path is None and self.model.path is None:
+            raise ValueError("tokenizer.path is needed when the model is random")
+        return self
+
+    @property
+    def directory(self) -> Path:
+        return Path(self.run_dir or os.path.join("runs", self.name))
+
+
+# ----------------------------------------------------------------------------- loading
+
+
+def apply_override(tree: dict, assignment: str) -> None:
+    """Set ``a.b.2.c=value`` in a nested dict/list tree (value parsed as YAML)."""
+    if "=" not in assignment:
+        raise ConfigError(f"override {assignment!r} is not of the form key.path=value")
+    path, raw = assignment.split("=", 1)
+    value = yaml.safe_load(raw)
+    keys = path.split(".")
+    node: Any = tree
+    for i, key in enumerate(keys):
+        last = i == len(keys) - 1
+        if isinstance(node, list):
+            index = _list_index(node, key, path)
+            if last:
+                node[index] = value
+            else:
+                node = node[index]
+        elif isinstance(node, dict):
+            if last:
+                node[key] = value
+            else:
+                node = node.setdefault(key, {})
+        else:
+            raise ConfigError(f"override {path}: {'.'.join(keys[:i])} is not a mapping or list")
+
+
+def _list_index(node: list, key: str, path: str) -> int:
+    if key.lstrip("-").isdigit():
+        index = int(key)
+        if not -len(node) <= index < len(node):
+            raise ConfigError(f"override {path}: index {key} out of range")
+        return index
+    for index, item in enumerate(node):
+        if isinstance(item, dict) and item.get("name") == key:
+            return index
+    raise ConfigError(f"override {path}: no list element named {key!r}")
+
+
+def _location(loc: tuple) -> str:
+    """'stages.1.beta' from pydantic's location, without union-member tags."""
+    return ".".join(str(p) for p in loc if not _is_union_tag(p))
+
+
+def _is_union_tag(part: Any) -> bool:
+    if not isinstance(part, str):
+        return False
+    return part in _STAGE_BY_KIND or "[" in part or part in ("float", "int", "str", "bool")
+
+
+def _model_at(loc: tuple) -> type[BaseModel] | None:
+    """The pydantic model class that owns the location ``loc`` (for key suggestions)."""
+    model: Any = RunConfig
+    for part in loc[:-1]:
+        if isinstance(part, int) or (_is_union_tag(part) and part not in _STAGE_BY_KIND):
+            continue
+        if isinstance(part, str) and part in _STAGE_BY_KIND:
+            model = _STAGE_BY_KIND[part]
+            continue
+        field = getattr(model, "model_fields", {}).get(part)
+        if field is None:
+            return None
+        model = _field_model(field.annotation)
+    return model if isinstance(model, type) and issubclass(model, BaseModel) else None
+
+
+def _field_model(annotation: Any) -> Any:
+    for candidate in getattr(annotation, "__args__", ()) or (annotation,):
+        if isinstance(candidate, type) and issubclass(candidate, BaseModel):
+            return candidate
+        nested = _field_model(candidate) if getattr(candidate, "__args__", None) else None
+        if nested is not None:
+            return nested
+    return annotation if isinstance(annotation, type) else None
+
+
+_STAGE_BY_KIND = {"sft": SftStage, "reward": ScoreStage, "cost": ScoreStage}
+_STAGE_BY_KIND.update(dpo=PreferenceStage, kto=PreferenceStage)
+
+
+def _one_line(error: ValidationError, source: str) -> str:
+    first = error.errors()[0]
+    loc = tuple(first["loc"])
+    where = _location(loc) or "<top level>"
+    if first["type"] == "extra_forbidden":
+        owner = _model_at(loc)
+        valid = list(owner.model_fields) if owner else []
+        close = difflib.get_close_matches(str(loc[-1]), valid, n=1, cutoff=0.5)
+        hint = f"; did you mean '{close[0]}'?" if close else f"; valid keys: {', '.join(valid)}"
+        return f"{source}: unknown key '{where}'{hint}"
+    message = first["msg"].removeprefix("Value error, ")
+    if first["type"] == "missing":
+        return f"{source}: missing required key '{where}'"
+    return f"{source}: {where}: {message} (got {first.get('input')!r})"
+
+
+def load_config(path: str | None, overrides: list[str] = ()) -> RunConfig:
+    """Read YAML (or start empty), apply overrides, validate; ConfigError on any problem."""
+    tree: dict = {}
+    source = path or "<overrides>"
+    if path is not None:
+        if not os.path.isfile(path):
+            raise ConfigError(f"config file {path} not found")
+        try:
+            with open(path, encoding="utf-8") as f:
+                tree = yaml.safe_load(f) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{path}: invalid YAML ({str(e).splitlines()[0]})") from None
+        if not isinstance(tree, dict):
+            raise ConfigError(f"{path}: the top level must be a mapping")
+    for assignment in overrides:
+        apply_override(tree, assignment)
+    try:
+        return RunConfig.model_validate(tree)
+    except ValidationError as e:
+        raise ConfigError(_one_line(e, source)) from None
