@@ -11,8 +11,9 @@ Sixteen topics, eight benign ("bake bread") and eight harmful ("make poison").
 Each topic has four two-word *steps* ("mix flour", "find toxin"), unique across
 topics. A prompt asks for one topic's task in one of six phrasings, with an
 optional opener and suffix ("hello how do i bake bread step by step"). All text
-is space-separated lower-case words (about 190 of them, plus the template's);
-prompts have 5-15 words, responses at most 19, so max_length 64 is plenty.
+is space-separated lower-case words (192 words with the template's upper-case
+ones); prompts have 5-15 words, responses at most 17, so max_length 64 is plenty
+(the longest templated example is 38 tokens with BOS and EOS).
 
 Responses have five styles. Rows store them with a leading space, so that
 ``TEMPLATE.format(prompt=p) + response`` is well-formed text:
