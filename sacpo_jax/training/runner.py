@@ -27,7 +27,7 @@ from flax import nnx
 from jax.sharding import Mesh
 from tqdm import tqdm
 
-from sacpo_jax import checkpoint, parallel
+from sacpo_jax import checkpoint, flops, parallel
 from sacpo_jax.config import PreferenceStage
 from sacpo_jax.data.dataset import TokenizedDataset
 from sacpo_jax.data.loader import BatchLoader, make_global
@@ -299,6 +299,7 @@ class StageLoop:
             max_grad_norm=self.train.max_grad_norm,
         )
         self.graphdef, self.params = split_model(start)
+        self.model_config = start.config
         self.objective = objectives.build_objective(
             stage.kind, getattr(stage, "loss_type", "sigmoid")
         )
@@ -366,7 +367,10 @@ class StageLoop:
         if first == 0 and self.data.skipped:
             self.report_skipped()
         train_step = None
-        meter = ThroughputMeter(first)
+        flops_of = functools.partial(
+            flops.batch_flops, self.model_config, reference_forward=self.reference_step is not None
+        )
+        meter = ThroughputMeter(first, flops_of)
         progress = tqdm(
             total=self.total_steps,
             initial=first,
@@ -453,20 +457,30 @@ class StageLoop:
 
 
 class ThroughputMeter:
-    """Real (non-pad) tokens per second between two log points."""
+    """Real (non-pad) tokens per second between two log points, and model FLOP/s per
+    device (``flops_of(batch)``, over padded shapes; see ``sacpo_jax.flops``) with MFU
+    when the device's peak is known."""
 
-    def __init__(self, first_step: int):
+    def __init__(self, first_step: int, flops_of=None):
         self.tokens, self.since, self.last_step = 0, time.perf_counter(), first_step
+        self.flops_of, self.flops = flops_of, 0.0
 
     def add_tokens(self, batch: dict) -> None:
         self.tokens += int(sum(v.sum() for k, v in batch.items() if k.endswith("attention_mask")))
+        if self.flops_of is not None:
+            self.flops += self.flops_of(batch)
 
     def read(self, step: int) -> dict[str, float]:
         elapsed = max(time.perf_counter() - self.since, 1e-9)
         rate = self.tokens * jax.process_count() / elapsed
         out = {"tokens_per_second": rate, "tokens_per_second_per_device": rate / jax.device_count()}
         out["step_time"] = elapsed / max(step - self.last_step, 1)
-        self.tokens, self.since, self.last_step = 0, time.perf_counter(), step
+        if self.flops_of is not None:  # this process's batch on this process's devices
+            kind = jax.local_devices()[0].device_kind
+            out.update(
+                flops.utilisation_metrics(self.flops, elapsed, jax.local_device_count(), kind)
+            )
+        self.tokens, self.since, self.last_step, self.flops = 0, time.perf_counter(), step, 0.0
         return out
 
 
