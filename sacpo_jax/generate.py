@@ -29,6 +29,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from sacpo_jax import parallel
@@ -391,6 +392,13 @@ def generate_tokens(
 # ----------------------------------------------------------------------------- text API
 
 
+def to_host(x: jax.Array) -> np.ndarray:
+    """The full array on this host, gathering rows held by other processes if needed."""
+    if x.is_fully_addressable:
+        return np.asarray(x)
+    return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+
+
 def next_power_of_two(n: int, minimum: int = 1) -> int:
     """Smallest power of two >= max(n, minimum)."""
     n = max(n, minimum)
@@ -483,7 +491,7 @@ def generate(
             row_ids=np.asarray(rows),
             mesh=mesh,
         )
-        tokens, emitted = np.asarray(out.tokens), np.asarray(out.mask).astype(bool)
+        tokens, emitted = to_host(out.tokens), to_host(out.mask).astype(bool)
         for row, prompt_index in enumerate(chunk):
             text = tokenizer.decode(tokens[row][emitted[row]].tolist(), skip_special_tokens=True)
             texts[prompt_index] = cut_at_stop(text, stop_strings)
