@@ -21,9 +21,10 @@ from typing import Annotated, Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from sacpo_jax.data.spec import DataSpec
+from sacpo_jax.data.spec import DataSpec, SourceSpec
 
 BUNDLED_TOKENIZER = "bundled:oracle"
+PKU_TEMPLATE = "BEGINNING OF CONVERSATION: USER: {prompt} ASSISTANT:"
 
 
 class ConfigError(ValueError):
@@ -173,7 +174,87 @@ class PreferenceStage(StageBase):
         return beta
 
 
-Stage = Annotated[SftStage | ScoreStage | PreferenceStage, Field(discriminator="kind")]
+class MergeStage(Strict):
+    """P-SACPO: theta = sum_i w_i theta_i over ``models`` (stage names or HF directories).
+
+    Two models take ``q`` (theta = (1-q) theta_0 + q theta_1); a list of q values fans
+    out into one merge per value (name@q=...). More models take ``weights``.
+    """
+
+    kind: Literal["merge"]
+    name: str
+    models: list[str] = Field(min_length=2)
+    q: float | list[float] | None = None
+    weights: list[float] | None = None
+
+    @model_validator(mode="after")
+    def _weights(self) -> MergeStage:
+        if (self.q is None) == (self.weights is None):
+            raise ValueError("set exactly one of q (two models) and weights")
+        if self.q is not None:
+            if len(self.models) != 2:
+                raise ValueError("q merges exactly two models; use weights for more")
+            values = self.q if isinstance(self.q, list) else [self.q]
+            if not values or any(not 0.0 <= q <= 1.0 for q in values):
+                raise ValueError("q must lie in [0, 1]")
+        elif len(self.weights) != len(self.models) or abs(sum(self.weights) - 1) > 1e-6:
+            raise ValueError("weights: one per model, summing to 1")
+        return self
+
+
+class EvalSettings(Strict):
+    """Generation and rating settings of an evaluation (the paper: greedy, 512 tokens)."""
+
+    template: str | None = PKU_TEMPLATE
+    max_new_tokens: int = Field(512, gt=0)
+    temperature: float = Field(0.0, ge=0)
+    top_p: float = Field(1.0, gt=0, le=1)
+    seed: int = 0
+    stop: str | list[str] | None = "sacpo"
+    elo_trials: int = Field(50, gt=0)
+
+
+class PromptSet(Strict):
+    """Prompts to generate on: any data source; rows need ``field`` (and may have category).
+
+    SACPO's prompt sets (../shared/data/sacpo_eval/*.json) are JSON lists of
+    {prompt, category}: ``source: {type: json, path: .../safety_problem.json}``.
+    """
+
+    source: SourceSpec
+    field: str = "prompt"
+    limit: int | None = Field(None, gt=0)
+
+
+class EvaluateStage(Strict):
+    """Generate with ``models`` ("all": every earlier language-model stage), score, compare.
+
+    Scorers: the bundled ``oracle`` and/or ``reward_model`` / ``cost_model`` (stage
+    names or HF directories). ``baseline``: the model for win rates and the Elo anchor.
+    """
+
+    kind: Literal["evaluate"]
+    name: str
+    models: list[str] | Literal["all"] = "all"
+    prompts: PromptSet
+    settings: EvalSettings = EvalSettings()
+    oracle: bool = False
+    reward_model: str | None = None
+    cost_model: str | None = None
+    baseline: str | None = None
+
+    @model_validator(mode="after")
+    def _has_scorer(self) -> EvaluateStage:
+        if not (self.oracle or self.reward_model or self.cost_model):
+            raise ValueError("an evaluate stage needs oracle: true or a reward/cost model")
+        return self
+
+
+Stage = Annotated[
+    SftStage | ScoreStage | PreferenceStage | MergeStage | EvaluateStage,
+    Field(discriminator="kind"),
+]
+TRAINING_KINDS = ("sft", "dpo", "kto", "reward", "cost")
 
 
 class RunConfig(Strict):
@@ -281,7 +362,9 @@ def _field_model(annotation: Any) -> Any:
 
 
 _STAGE_BY_KIND = {"sft": SftStage, "reward": ScoreStage, "cost": ScoreStage}
-_STAGE_BY_KIND.update(dpo=PreferenceStage, kto=PreferenceStage)
+_STAGE_BY_KIND.update(
+    dpo=PreferenceStage, kto=PreferenceStage, merge=MergeStage, evaluate=EvaluateStage
+)
 
 
 def _one_line(error: ValidationError, source: str) -> str:

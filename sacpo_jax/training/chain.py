@@ -7,7 +7,8 @@ earlier stage, or a Hugging Face directory, as its start or reference. A stage w
 list of betas fans out into one stage per value, all from the same start (a sweep), so
 stage 1 is trained once however many beta/lambda values are tried.
 
-Finished stages are not retrained: their exported model is loaded back.
+Merge stages (P-SACPO) and evaluate stages read earlier results by name. Finished
+stages are not retrained: their exported model is loaded back.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import os
 from collections.abc import Callable
 from typing import Any
 
-from sacpo_jax.config import PreferenceStage, RunConfig
+from sacpo_jax.config import TRAINING_KINDS
 from sacpo_jax.models import hf
 from sacpo_jax.models.llama import Llama
 
@@ -27,47 +28,84 @@ class ChainError(ValueError):
     """A stage names a start or reference that does not exist; one line."""
 
 
-def sweep_name(name: str, beta: float) -> str:
-    return f"{name}@beta={beta:g}"
+def sweep_name(name: str, key: str, value: float) -> str:
+    return f"{name}@{key}={value:g}"
 
 
 def expand_sweeps(stages: list) -> list:
-    """Replace each stage with a list of betas by one stage per beta, named name@beta=b.
+    """One stage per swept value: beta lists (name@beta=b) and merge q lists (name@q=q).
 
-    Each expanded stage keeps the original start (resolved to a concrete name) so all
+    Swept training stages keep the original start (resolved to a concrete name) so all
     of them start from the same model; a later "previous" after a sweep is ambiguous.
+    An evaluate stage with models "all" gets every earlier language-model stage.
     """
     expanded = []
     previous = INITIAL
     for stage in stages:
-        start = previous if stage.start == "previous" else stage.start
-        if start is None:
-            raise ChainError(
-                f"stage '{stage.name}' follows a sweep: name its start explicitly (one of the "
-                "swept stages, e.g. start: NAME@beta=0.1)"
-            )
-        if isinstance(stage, PreferenceStage) and isinstance(stage.beta, list):
-            for beta in stage.beta:
-                expanded.append(
-                    stage.model_copy(
-                        update={"name": sweep_name(stage.name, beta), "beta": beta, "start": start}
-                    )
+        if stage.kind in TRAINING_KINDS:
+            start = previous if stage.start == "previous" else stage.start
+            if start is None:
+                raise ChainError(
+                    f"stage '{stage.name}' follows a sweep: name its start explicitly (one of "
+                    "the swept stages, e.g. start: NAME@beta=0.1)"
                 )
-            previous = None
-        else:
-            expanded.append(stage.model_copy(update={"start": start}))
-            previous = stage.name
+            stage = stage.model_copy(update={"start": start})
+        swept = _swept_values(stage)
+        if swept is None:
+            expanded.append(_with_models(stage, expanded))
+            previous = stage.name if stage.kind in TRAINING_KINDS + ("merge",) else previous
+            continue
+        key, values = swept
+        for value in values:
+            expanded.append(
+                stage.model_copy(update={"name": sweep_name(stage.name, key, value), key: value})
+            )
+        previous = None
     return expanded
+
+
+def _swept_values(stage) -> tuple[str, list[float]] | None:
+    for key in ("beta", "q"):
+        value = getattr(stage, key, None)
+        if isinstance(value, list):
+            return key, value
+    return None
+
+
+def _with_models(stage, earlier: list):
+    if stage.kind == "evaluate" and stage.models == "all":
+        names = [s.name for s in earlier if s.kind not in ("reward", "cost", "evaluate")]
+        return stage.model_copy(update={"models": names})
+    return stage
+
+
+def sweep_series(stages: list) -> dict[str, list[str]]:
+    """Lines for the frontier plot: each beta sweep from its start through decreasing beta
+    (stronger realignment), each q merge sweep from its first model to its second."""
+    series = {}
+    for stage in stages:
+        swept = _swept_values(stage)
+        if swept is None:
+            continue
+        key, values = swept
+        if key == "beta":
+            ordered = sorted(values, reverse=True)
+            series[stage.name] = [stage.start] + [sweep_name(stage.name, key, v) for v in ordered]
+        else:
+            members = [sweep_name(stage.name, key, v) for v in sorted(values)]
+            series[stage.name] = [stage.models[0]] + members + [stage.models[1]]
+    return series
 
 
 def model_sources(stage) -> list[str]:
     """Names (or paths) of the models a stage reads."""
-    sources = [stage.start]
+    sources = [getattr(stage, "start", None)]
     reference = getattr(stage, "reference", None)
     if reference not in (None, "start"):
         sources.append(reference)
-    sources += list(getattr(stage, "models", []) or [])
-    return sources
+    sources += list(getattr(stage, "models", None) or [])
+    sources += [getattr(stage, name, None) for name in ("reward_model", "cost_model")]
+    return [s for s in sources if s]
 
 
 def last_uses(stages: list) -> dict[str, int]:
@@ -106,21 +144,22 @@ class ModelStore:
     def names(self) -> list[str]:
         return list(self._models)
 
+    def start_and_reference(self, stage) -> tuple[Llama, Llama]:
+        """A training stage's start model and its reference ("start": the same model)."""
+        start = self.get(stage.start, stage.name)
+        reference = getattr(stage, "reference", "start")
+        return start, start if reference == "start" else self.get(reference, stage.name)
+
 
 def run_chain(
-    config: RunConfig,
-    store: ModelStore,
-    run_one: Callable[[Any, Llama, Llama | None], Llama],
-) -> list:
-    """Run every (expanded) stage in order; returns the expanded stage list."""
-    stages = expand_sweeps(config.stages)
+    stages: list, store: ModelStore, run_one: Callable[[Any, ModelStore], Llama | None]
+) -> None:
+    """Run the (expanded) stages in order, keeping each result only while it is needed."""
     last = last_uses(stages)
     for index, stage in enumerate(stages):
-        start = store.get(stage.start, stage.name)
-        reference_name = getattr(stage, "reference", "start")
-        reference = start if reference_name == "start" else store.get(reference_name, stage.name)
-        store.put(stage.name, run_one(stage, start, reference))
-        for name in list(store.names()):
-            if last.get(name, -1) <= index and name != stage.name and name != INITIAL:
+        result = run_one(stage, store)
+        if result is not None:
+            store.put(stage.name, result)
+        for name in store.names():
+            if last.get(name, -1) <= index and name != INITIAL:
                 store.release(name)
-    return stages
