@@ -77,8 +77,7 @@ class Executors:
 
     def __init__(self, config: RunConfig, mesh, tokenizer):
         self.config, self.mesh, self.tokenizer = config, mesh, tokenizer
-        self.series = sweep_series(config.stages)
-        self.expanded: list = []
+        self.series = sweep_series(expand_sweeps(config.stages))
 
     def context(self, stage) -> StageContext:
         c = self.config

@@ -79,21 +79,24 @@ def _with_models(stage, earlier: list):
     return stage
 
 
-def sweep_series(stages: list) -> dict[str, list[str]]:
-    """Lines for the frontier plot: each beta sweep from its start through decreasing beta
-    (stronger realignment), each q merge sweep from its first model to its second."""
+def sweep_series(expanded: list) -> dict[str, list[str]]:
+    """Lines for the frontier plot, from the expanded stages: each beta sweep from its
+    start through decreasing beta (stronger realignment), each q merge sweep from its
+    first model through increasing q to its second."""
+    groups: dict[str, list] = {}
+    for stage in expanded:
+        base, _, swept = stage.name.partition("@")
+        if swept:
+            groups.setdefault(base, []).append(stage)
     series = {}
-    for stage in stages:
-        swept = _swept_values(stage)
-        if swept is None:
-            continue
-        key, values = swept
-        if key == "beta":
-            ordered = sorted(values, reverse=True)
-            series[stage.name] = [stage.start] + [sweep_name(stage.name, key, v) for v in ordered]
+    for base, members in groups.items():
+        first = members[0]
+        if first.kind == "merge":
+            ordered = sorted(members, key=lambda s: s.q)
+            series[base] = [first.models[0]] + [s.name for s in ordered] + [first.models[1]]
         else:
-            members = [sweep_name(stage.name, key, v) for v in sorted(values)]
-            series[stage.name] = [stage.models[0]] + members + [stage.models[1]]
+            ordered = sorted(members, key=lambda s: -s.beta)
+            series[base] = [first.start] + [s.name for s in ordered]
     return series
 
 
