@@ -27,13 +27,15 @@ def has_tokenizer(path: str) -> bool:
 def load_model(
     path: str, *, dtype: str | None = None, mesh: Mesh | None = None
 ) -> tuple[Llama, Any]:
-    """(model, tokenizer) from a Hugging Face LLaMA directory; tokenizer is None if absent.
+    """(model, tokenizer) from a Hugging Face LLaMA directory (or hub id "owner/name");
+    tokenizer is None if the directory has none.
 
     dtype: parameter and compute dtype ("float32", "bfloat16"; default: the checkpoint's).
     mesh: a (data, fsdp, tensor) mesh to shard the parameters over (default: one device).
     """
     from sacpo_jax.data.tokenize import load_tokenizer
 
+    path = hf.resolve_model_dir(path)
     model = hf.load_checkpoint(path, dtype=dtype, mesh=mesh)
     tokenizer = load_tokenizer(path) if has_tokenizer(path) else None
     return model, tokenizer

@@ -58,7 +58,8 @@ class RandomModelConfig(Strict):
 
 
 class ModelConfig(Strict):
-    """Where the first model comes from: an HF directory (``path``) or ``random``."""
+    """Where the first model comes from: ``path`` (an HF directory or a hub id
+    "owner/name", fetched as safetensors) or ``random``."""
 
     path: str | None = None
     random: RandomModelConfig | None = None
@@ -70,7 +71,11 @@ class ModelConfig(Strict):
     @field_validator("path")
     @classmethod
     def _exists(cls, path: str | None) -> str | None:
-        if path is not None and not os.path.isfile(os.path.join(path, "config.json")):
+        from sacpo_jax.models.hf import is_hub_id
+
+        if path is None or is_hub_id(path):
+            return path
+        if not os.path.isfile(os.path.join(path, "config.json")):
             raise ValueError(f"no Hugging Face model at {path} (config.json not found)")
         return path
 
@@ -90,7 +95,11 @@ class TokenizerConfig(Strict):
     @field_validator("path")
     @classmethod
     def _exists(cls, path: str | None) -> str | None:
-        if path not in (None, BUNDLED_TOKENIZER) and not os.path.exists(path):
+        from sacpo_jax.models.hf import is_hub_id
+
+        if path in (None, BUNDLED_TOKENIZER) or is_hub_id(path):
+            return path
+        if not os.path.exists(path):
             raise ValueError(f"tokenizer path {path} does not exist")
         return path
 

@@ -25,12 +25,12 @@ from sacpo_jax.training.runner import MODEL_DIR, StageContext, load_finished, ru
 
 
 def tokenizer_from_path(path: str, trust_remote_code: bool = False):
-    """A tokenizer directory, or ``bundled:oracle`` for the bundled task's tokenizer."""
+    """A tokenizer directory or hub id, or ``bundled:oracle`` for the bundled task's."""
     if path == BUNDLED_TOKENIZER:
         from sacpo_jax.data.oracle_tokenizer import oracle_tokenizer
 
         return oracle_tokenizer()
-    return load_tokenizer(path, trust_remote_code=trust_remote_code)
+    return load_tokenizer(hf.resolve_model_dir(path), trust_remote_code=trust_remote_code)
 
 
 def initial_model(config: RunConfig, mesh, tokenizer) -> Llama:

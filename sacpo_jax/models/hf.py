@@ -15,6 +15,7 @@ from __future__ import annotations
 import glob
 import json
 import os
+import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -294,6 +295,34 @@ def _hf_names(name: str, tmap: TensorMap, config: LlamaConfig) -> list[str]:
 # ----------------------------------------------------------------------------- import
 
 
+HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
+HUB_FILES = ["*.json", "*.safetensors", "tokenizer.model", "*.txt"]
+
+
+def is_hub_id(path: str) -> bool:
+    """'owner/name' that is not a local directory: a Hugging Face hub repository."""
+    return not os.path.exists(path) and HUB_ID.fullmatch(path) is not None
+
+
+def resolve_model_dir(path: str, revision: str | None = None) -> str:
+    """A local directory for ``path``: itself, or a hub snapshot (safetensors and JSON only).
+
+    Pickle weights (*.bin) are never downloaded. Offline, or for a missing repository,
+    the error is one line.
+    """
+    if not is_hub_id(path):
+        return path
+    from huggingface_hub import snapshot_download
+
+    try:
+        return snapshot_download(path, revision=revision, allow_patterns=HUB_FILES)
+    except Exception as e:  # network, authentication, missing repository
+        reason = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise CheckpointError(
+            f"could not fetch {path} from the Hugging Face hub: {reason}"
+        ) from None
+
+
 def read_hf_config(path: str) -> dict[str, Any]:
     config_path = os.path.join(path, "config.json")
     if not os.path.isfile(config_path):
@@ -366,8 +395,9 @@ def load_checkpoint(
 
     dtype: parameter dtype (default: the checkpoint's). mesh: where to place the
     parameters (default: one device). options: LlamaConfig execution options
-    (remat, scan_layers).
+    (remat, scan_layers). ``path`` may also be a hub id ("owner/name").
     """
+    path = resolve_model_dir(path)
     hf = read_hf_config(path)
     reader = open_safetensors(path)
     stored = reader.info(

@@ -130,12 +130,12 @@ class ModelStore:
     def get(self, name: str, asked_by: str) -> Llama:
         if name in self._models:
             return self._models[name]
-        if os.path.isdir(name):
+        if os.path.isdir(name) or hf.is_hub_id(name):
             self._models[name] = hf.load_checkpoint(name, **self._load_options)
             return self._models[name]
         raise ChainError(
-            f"stage '{asked_by}' names '{name}', which is neither an earlier stage nor a model "
-            "directory"
+            f"stage '{asked_by}' names '{name}', which is neither an earlier stage, a model "
+            "directory nor a hub id"
         )
 
     def put(self, name: str, model: Llama) -> None:
