@@ -59,14 +59,18 @@ def _pump(stream, prefix: str) -> None:
         sys.stdout.flush()
 
 
-def run_processes(commands: list[list[str]], environment: dict[str, str]) -> int:
-    """Start every command, relay its output, stop all when one fails; the exit status."""
-    env = {**os.environ, **environment}
+def run_processes(commands: list[list[str]], environments: list[dict[str, str]]) -> int:
+    """Start every command (with its extra environment), relay its output, stop all when
+    one fails; the exit status."""
     processes = [
         subprocess.Popen(
-            command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+            command,
+            env={**os.environ, **environment},
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
         )
-        for command in commands
+        for command, environment in zip(commands, environments, strict=True)
     ]
     pumps = [
         threading.Thread(target=_pump, args=(p.stdout, f"[p{i}] "), daemon=True)
@@ -133,7 +137,7 @@ def main(argv: list[str] | None = None) -> int:
         for command in commands:
             print(f"{prefix} {shlex.join(command)}")
         return 0
-    return run_processes(commands, environment)
+    return run_processes(commands, [environment] * len(commands))
 
 
 if __name__ == "__main__":
