@@ -259,11 +259,83 @@ class EvaluateStage(Strict):
         return self
 
 
+class CaidConstraint(Strict):
+    """One constraint of CAID: E_pi[g] - E_ref[g] >= threshold (relative) or E_pi[g] >= threshold.
+
+    ``model``: MoCAID, a cost model (stage name, HF directory or hub id) or ``oracle``
+    (the bundled task's cost), with g = -cost; PeCAID, a DPO policy aligned on this
+    constraint's preference, with g = beta * log(pi_g / pi_ref).
+    """
+
+    model: str
+    threshold: float
+
+
+class CaidSampling(Strict):
+    """The dual step's samples: each prompt answered ``responses_per_prompt`` times by the
+    current policy (the paper: 600 prompts x 64 responses, temperature 1, top_p 0.9)."""
+
+    responses_per_prompt: int = Field(64, gt=0)
+    temperature: float = Field(1.0, gt=0)
+    top_p: float = Field(0.9, gt=0, le=1)
+    max_new_tokens: int = Field(512, gt=0)
+    template: str | None = PKU_TEMPLATE
+    stop: str | list[str] | None = "sacpo"
+    batch_size: int = Field(64, gt=0)
+
+
+class CaidStage(StageBase):
+    """CAID (REFERENCE §3): ``iterations`` rounds of a dual step on the host and a DPO
+    policy step on pseudo-preferences, from ``start`` (pi_ref, also DPO's reference).
+
+    ``data``: the fixed pairs (x, y0, y1) to pseudo-label (a pair adapter; the order of
+    y0, y1 is not a preference). ``reward``: MoCAID, a reward model or ``oracle``;
+    PeCAID, a DPO policy aligned on helpfulness. ``prompts`` (``limit``: how many) are
+    sampled every iteration. ``lambda_init``: null warm-starts from the one-shot dual
+    optimum on the reference's samples. ``dual_lr``: eta in lam <- max(0, lam - eta u).
+    ``train``: the optimisation of each policy step (``epochs`` per iteration).
+    """
+
+    kind: Literal["caid"]
+    method: Literal["mocaid", "pecaid"] = "mocaid"
+    data: DataSpec
+    reward: str
+    constraints: list[CaidConstraint] = Field(min_length=1)
+    relative_thresholds: bool = True
+    prompts: PromptSet
+    sampling: CaidSampling = CaidSampling()
+    iterations: int = Field(4, gt=0)
+    beta: float = Field(0.1, gt=0)
+    dual_lr: float = Field(1.0, gt=0)
+    lambda_init: float | list[float] | None = None
+
+    @model_validator(mode="after")
+    def _consistent(self) -> CaidStage:
+        from sacpo_jax.data.adapters import ADAPTERS, PAIR
+
+        if ADAPTERS[self.data.adapter].kind != PAIR:
+            raise ValueError(f"data.adapter '{self.data.adapter}' does not make pairs")
+        if self.method == "pecaid" and "oracle" in self.models:
+            raise ValueError("pecaid scores with DPO policies; 'oracle' is for mocaid")
+        init = self.lambda_init
+        values = init if isinstance(init, list) else [] if init is None else [init]
+        if isinstance(init, list) and len(init) != len(self.constraints):
+            raise ValueError(f"lambda_init: one value per constraint ({len(self.constraints)})")
+        if any(v < 0 for v in values):
+            raise ValueError("lambda_init must be >= 0")
+        return self
+
+    @property
+    def models(self) -> list[str]:
+        """The scoring models the stage reads (for the chain), in order: reward, constraints."""
+        return [self.reward] + [c.model for c in self.constraints]
+
+
 Stage = Annotated[
-    SftStage | ScoreStage | PreferenceStage | MergeStage | EvaluateStage,
+    SftStage | ScoreStage | PreferenceStage | MergeStage | EvaluateStage | CaidStage,
     Field(discriminator="kind"),
 ]
-TRAINING_KINDS = ("sft", "dpo", "kto", "reward", "cost")
+TRAINING_KINDS = ("sft", "dpo", "kto", "reward", "cost", "caid")
 
 
 class RunConfig(Strict):
@@ -372,7 +444,11 @@ def _field_model(annotation: Any) -> Any:
 
 _STAGE_BY_KIND = {"sft": SftStage, "reward": ScoreStage, "cost": ScoreStage}
 _STAGE_BY_KIND.update(
-    dpo=PreferenceStage, kto=PreferenceStage, merge=MergeStage, evaluate=EvaluateStage
+    dpo=PreferenceStage,
+    kto=PreferenceStage,
+    merge=MergeStage,
+    evaluate=EvaluateStage,
+    caid=CaidStage,
 )
 
 

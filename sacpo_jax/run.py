@@ -1,7 +1,8 @@
 """One run: mesh, tokenizer, the initial model, then the stage chain. Used by the CLI.
 
 Each stage kind has an executor here: training kinds (sft, dpo, kto, reward, cost) go
-to ``run_stage``; ``merge`` combines weights (P-SACPO); ``evaluate`` generates, scores
+to ``run_stage``; ``caid`` runs iterative dualization (``sacpo_jax.algorithms.caid``);
+``merge`` combines weights (P-SACPO); ``evaluate`` generates, scores
 and writes tables and plots. Every executor writes into runs/<name>/stages/<stage>/.
 """
 
@@ -93,12 +94,21 @@ class Executors:
         )
 
     def __call__(self, stage, store: ModelStore) -> Llama | None:
+        if stage.kind == "caid":
+            return self.caid(stage, store)
         if stage.kind in TRAINING_KINDS:
             start, reference = store.start_and_reference(stage)
             return run_stage(stage, start, reference, self.context(stage))
         if stage.kind == "merge":
             return self.merge(stage, store)
         return self.evaluate(stage, store)
+
+    def caid(self, stage, store: ModelStore) -> Llama:
+        """CAID from the stage's start (pi_ref), scored by the models it names."""
+        from sacpo_jax.algorithms.caid import ORACLE, run_caid
+
+        scorers = {n: store.get(n, stage.name) for n in stage.models if n != ORACLE}
+        return run_caid(stage, store.get(stage.start, stage.name), scorers, self.context(stage))
 
     def merge(self, stage, store: ModelStore) -> Llama:
         ctx = self.context(stage)
