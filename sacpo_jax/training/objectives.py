@@ -159,7 +159,17 @@ def cost_objective(model: Llama, batch: dict, coeffs: dict):
         "accuracy": jnp.mean(correct),
         "sign_accuracy": _masked_mean(sign_right, sign_known),
     }
-    rows = {"loss": per_pair, "accuracy": correct}
+    # Per pair: the share of its (sign-labelled) two responses with the right cost sign;
+    # its mean over pairs is the evaluation's sign accuracy when every response is
+    # labelled, as with the pku_cost adapter.
+    n = safer.shape[0]
+    pair_known = sign_known[:n] + sign_known[n:]
+    pair_right = (sign_right * sign_known)[:n] + (sign_right * sign_known)[n:]
+    rows = {
+        "loss": per_pair,
+        "accuracy": correct,
+        "sign_accuracy": pair_right / jnp.maximum(pair_known, 1.0),
+    }
     return jnp.mean(per_pair), metrics, rows
 
 
