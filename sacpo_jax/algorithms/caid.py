@@ -1,0 +1,514 @@
+"""CAID: iterative dualization for constrained alignment (Zhang et al. 2025; REFERENCE §3).
+
+    theta_0 = pi_ref;  lam_0 = the one-shot dual optimum on pi_ref's samples (or lambda_init)
+    for t = 0 .. T-1:
+        dual step (host):  sample N prompts x M responses from pi_theta_t and score them;
+                           u_t = mean g - (E_ref[g] + b)     (absolute thresholds: mean g - b)
+                           lam_{t+1} = max(0, lam_t - eta * u_t)
+        policy step:       label the fixed pairs y1 > y0 ~ Bernoulli(sigmoid(w1 - w0)),
+                           w = r + lam_{t+1} . g, then DPO epochs against pi_ref from theta_t
+    finally sample pi_theta_T once more to estimate it.
+
+E_ref[g] is the mean utility of the first round's samples (theta_0 = pi_ref), so u_0 = -b
+under relative thresholds. Every iterate t is kept: its model (``iterates/<t>/``, an HF
+export; iterate 0 is the stage's start) and its estimates (``caid_history.json``, the
+metrics log, ``samples/<t>.jsonl``, ``dual_trajectories.png``). The stage's model is the
+best iterate: the highest estimated reward among those with every u >= 0, or, when none
+is feasible, the one with the smallest total violation sum(max(0, -u)).
+
+lam reaches the compiled DPO step only through the labels, i.e. as data: one train step,
+compiled once, serves every iteration (``CaidRun.train_step``). Each policy step starts
+a fresh optimiser state (its own warmup and cosine schedule) from the previous iterate.
+
+Resume: checkpoint meta holds (iteration, local step, history); a rerun continues inside
+the policy step it was in, or with the next dual step. Samples and labels are pure
+functions of (seed, iteration), so a resumed run repeats the same draws.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import math
+import os
+import shutil
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from tqdm import tqdm
+
+from sacpo_jax import checkpoint, parallel, plots
+from sacpo_jax.algorithms.caid_scoring import ORACLE, CaidError, PairSet, Scorer, build_scorer
+from sacpo_jax.algorithms.dual import DualInputError, InfeasibleConstraintError, solve_dual
+from sacpo_jax.algorithms.pseudo_labels import (
+    PseudoLabelError,
+    check_pair_scores,
+    draw_second_preferred,
+    second_preferred_probability,
+)
+from sacpo_jax.config import CaidStage
+from sacpo_jax.data.loader import make_global
+from sacpo_jax.data.pipeline import build_dataset
+from sacpo_jax.generate import generate
+from sacpo_jax.models import hf
+from sacpo_jax.models.llama import Llama
+from sacpo_jax.training import objectives
+from sacpo_jax.training import step as steps
+from sacpo_jax.training.metrics_log import MetricsLogger
+from sacpo_jax.training.runner import (
+    MODEL_DIR,
+    StageContext,
+    TrainingError,
+    add_reference_logps,
+    load_finished,
+    make_loader,
+)
+from sacpo_jax.training.state import (
+    TrainState,
+    create_state,
+    make_optimizer,
+    schedule_shape,
+    split_model,
+)
+
+__all__ = [
+    "ORACLE",
+    "CaidError",
+    "CaidRun",
+    "best_iterate",
+    "dual_update",
+    "iterate_estimates",
+    "run_caid",
+]
+
+HISTORY_FILE = "caid_history.json"
+ITERATES_DIR = "iterates"
+
+
+# ----------------------------------------------------------------------------- dual math
+
+
+def dual_update(
+    lam: np.ndarray | list[float], u: np.ndarray | list[float], eta: float
+) -> np.ndarray:
+    """Projected subgradient step ``max(0, lam - eta * u)`` (u < 0: violated, lam grows)."""
+    return np.maximum(0.0, np.asarray(lam, np.float64) - eta * np.asarray(u, np.float64))
+
+
+def iterate_estimates(
+    r: np.ndarray,
+    g: np.ndarray,
+    reference_utility: np.ndarray,
+    thresholds: np.ndarray,
+    *,
+    relative: bool,
+) -> dict:
+    """Estimates of one iterate from its samples: r (n,), g (n, M).
+
+    reward = mean r; utility = mean g; improvement = utility - E_ref[g];
+    u = improvement - b (relative) or utility - b (absolute); se = std(g) / sqrt(n), the
+    standard error of u (E_ref[g] taken as known); feasible = every u >= 0.
+    """
+    utility = g.mean(axis=0)
+    improvement = utility - reference_utility
+    u = (improvement if relative else utility) - thresholds
+    se = g.std(axis=0, ddof=1) / math.sqrt(len(g)) if len(g) > 1 else np.zeros_like(u)
+    return {
+        "reward": float(r.mean()),
+        "utility": utility.tolist(),
+        "improvement": improvement.tolist(),
+        "u": u.tolist(),
+        "u_se": se.tolist(),
+        "feasible": bool(np.all(u >= 0)),
+    }
+
+
+def best_iterate(history: list[dict]) -> int:
+    """Index of the feasible iterate with the highest reward, else the least violating one."""
+    feasible = [i for i, record in enumerate(history) if record["feasible"]]
+    if feasible:
+        return max(feasible, key=lambda i: history[i]["reward"])
+    violation = [float(np.sum(np.maximum(0.0, -np.asarray(r["u"])))) for r in history]
+    return int(np.argmin(violation))
+
+
+def round_seed(seed: int, iteration: int, purpose: int) -> int:
+    """A 31-bit seed for (run seed, iteration, purpose: 0 sampling, 1 shuffling)."""
+    return int(np.random.SeedSequence([seed, iteration, purpose]).generate_state(1)[0] >> 1)
+
+
+# ----------------------------------------------------------------------------- the run
+
+
+def run_caid(
+    stage: CaidStage, reference: Llama, models: dict[str, Llama], ctx: StageContext
+) -> Llama:
+    """CAID from ``reference`` (pi_ref) with scorers from ``models`` (by name); returns the
+    best iterate. A finished stage is loaded from its export."""
+    if checkpoint.is_finished(ctx.stage_dir):
+        return load_finished(ctx, reference)
+    return CaidRun(stage, reference, models, ctx).run()
+
+
+class CaidRun:
+    """One CAID stage: pairs, scorers, the compiled DPO step, and the outer loop."""
+
+    def __init__(
+        self, stage: CaidStage, reference: Llama, models: dict[str, Llama], ctx: StageContext
+    ):
+        self.stage, self.reference, self.ctx = stage, reference, ctx
+        self.thresholds = np.asarray([c.threshold for c in stage.constraints], np.float64)
+        scorer = functools.partial(
+            build_scorer,
+            models=models,
+            method=stage.method,
+            reference=reference,
+            tokenizer=ctx.tokenizer,
+            template=stage.sampling.template,
+            beta=stage.beta,
+        )
+        self.reward: Scorer = scorer(stage.reward, role="reward")
+        self.constraints: list[Scorer] = [
+            scorer(c.model, role="constraint") for c in stage.constraints
+        ]
+        self.prompts = _read_prompts(stage)
+        self.pairs = self.prepare_pairs()
+        self.pair_r, self.pair_g = self.score_pairs()
+        train = stage.train
+        loader = make_loader(self.pairs.dataset, stage.data, ctx, train.batch_size, train=True)
+        self.steps_per_iteration = train.max_steps or max(
+            1, math.ceil(train.epochs * loader.steps_per_epoch)
+        )
+        self.optimizer = make_optimizer(
+            self.steps_per_iteration,
+            warmup_ratio=train.warmup_ratio,
+            weight_decay=train.weight_decay,
+            max_grad_norm=train.max_grad_norm,
+        )
+        self.coeffs = steps.coefficient_arrays(
+            {"learning_rate": train.learning_rate, "beta": stage.beta, "label_smoothing": 0.0}
+        )
+        self.graphdef, params = split_model(reference)
+        create = functools.partial(create_state, optimizer=self.optimizer, seed=ctx.seed)
+        self.abstract_state = jax.eval_shape(create, params)
+        self.state_shardings = parallel.state_shardings(self.abstract_state, ctx.mesh)
+        self.fresh_state = jax.jit(create, out_shardings=self.state_shardings)
+        self.objective = objectives.build_objective("dpo", "sigmoid")
+        self.train_step = None
+        self.checkpointer = checkpoint.StageCheckpointer(
+            os.path.join(ctx.stage_dir, "checkpoints"),
+            save_every=train.save_every,
+            keep=train.keep_checkpoints,
+        )
+        self.logger = MetricsLogger(
+            ctx.stage_dir,
+            tensorboard=ctx.tensorboard,
+            wandb_project=ctx.wandb_project,
+            run_name=stage.name,
+        )
+
+    def prepare_pairs(self) -> PairSet:
+        """The tokenised pairs with pi_ref's log-probs (computed once, cached on disk)."""
+        stage, ctx = self.stage, self.ctx
+        dataset, skipped = build_dataset(stage.data, ctx.tokenizer, cache_dir=ctx.cache_dir)
+        if skipped and jax.process_index() == 0:
+            print(
+                f"[{stage.name}] skipped pairs: "
+                + ", ".join(f"{k}={v}" for k, v in skipped.items())
+            )
+        if len(dataset) < stage.train.batch_size:
+            raise CaidError(
+                f"[{stage.name}] {len(dataset)} pairs: fewer than one batch "
+                f"({stage.train.batch_size})"
+            )
+        batch = stage.train.eval_batch_size or stage.train.batch_size
+        dataset = add_reference_logps(dataset, stage.data, self.reference, "dpo", ctx, batch)
+        return PairSet(dataset, stage.data, ctx, batch)
+
+    def score_pairs(self) -> tuple[np.ndarray, np.ndarray]:
+        """r (n, 2) and g (n, 2, M) of the fixed pairs, computed once."""
+        r = self.reward.on_pairs(self.pairs)
+        g = np.stack([c.on_pairs(self.pairs) for c in self.constraints], axis=-1)
+        try:
+            return check_pair_scores(r, g)
+        except PseudoLabelError as e:
+            raise CaidError(f"[{self.stage.name}] scores of the pairs: {e}") from None
+
+    # -- state ------------------------------------------------------------------------
+
+    def init_or_restore(self) -> tuple[TrainState, int, int, list[dict]]:
+        """(state, iteration, local step, history): a fresh start or the latest checkpoint."""
+        latest = self.checkpointer.latest_step()
+        if latest is None:
+            params = jax.tree.map(jnp.copy, split_model(self.reference)[1])  # never donate pi_ref
+            return self.fresh_state(params), 0, 0, []
+        target = jax.tree.map(
+            lambda leaf, s: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=s),
+            self.abstract_state,
+            self.state_shardings,
+        )
+        state, meta = self.checkpointer.restore(target, latest)
+        if jax.process_index() == 0:
+            where = f"iteration {meta['iteration']}, step {meta['local_step']}"
+            print(f"[{self.stage.name}] resuming at {where}")
+        return state, int(meta["iteration"]), int(meta["local_step"]), list(meta["history"])
+
+    def policy(self, state: TrainState) -> Llama:
+        return nnx.merge(self.graphdef, state.params)
+
+    # -- loop -------------------------------------------------------------------------
+
+    def run(self) -> Llama:
+        state, first, first_step, history = self.init_or_restore()
+        total = self.stage.iterations
+        for t in range(first, total + 1):
+            if len(history) == t:
+                history.append(self.dual_step(t, self.policy(state), history))
+            if t == total:
+                break
+            lam = dual_update(history[t]["lambda"], history[t]["u"], self.stage.dual_lr)
+            state = self.policy_step(t, lam, state, first_step if t == first else 0, history)
+            hf.save_checkpoint(self.policy(state), self.iterate_dir(t + 1), self.ctx.tokenizer)
+            step = (t + 1) * self.steps_per_iteration
+            meta = {"iteration": t + 1, "local_step": 0, "history": history}
+            self.checkpointer.save(step, state, meta, force=True)
+        return self.finish(history)
+
+    def iterate_dir(self, t: int) -> str:
+        return os.path.join(self.ctx.stage_dir, ITERATES_DIR, str(t))
+
+    # -- dual step --------------------------------------------------------------------
+
+    def dual_step(self, t: int, policy: Llama, history: list[dict]) -> dict:
+        """Sample the iterate, score it, and record its multiplier and estimates."""
+        prompts, responses = self.sample(policy, t)
+        r = self.reward.on_samples(prompts, responses)
+        g = np.stack([c.on_samples(prompts, responses) for c in self.constraints], axis=-1)
+        record: dict = {"iteration": t}
+        if t == 0:
+            reference_utility = g.mean(axis=0)
+            record["lambda"] = self.initial_lambda(r, g)
+        else:
+            reference_utility = np.asarray(history[0]["utility"])
+            previous = history[t - 1]
+            record["lambda"] = dual_update(
+                previous["lambda"], previous["u"], self.stage.dual_lr
+            ).tolist()
+        record.update(
+            iterate_estimates(
+                r, g, reference_utility, self.thresholds, relative=self.stage.relative_thresholds
+            )
+        )
+        record["samples"] = len(r)
+        self.write_samples(t, prompts, responses, r, g)
+        self.log_dual(record)
+        return record
+
+    def sample(self, policy: Llama, t: int) -> tuple[list[str], list[str]]:
+        """Each prompt answered M times by ``policy``; prompts repeated to match."""
+        s = self.stage.sampling
+        prompts = [p for p in self.prompts for _ in range(s.responses_per_prompt)]
+        texts = [s.template.format(prompt=p) if s.template else p for p in prompts]
+        responses = generate(
+            policy,
+            self.ctx.tokenizer,
+            texts,
+            max_new_tokens=s.max_new_tokens,
+            temperature=s.temperature,
+            top_p=s.top_p,
+            seed=round_seed(self.ctx.seed, t, 0),
+            stop=s.stop,
+            batch_size=s.batch_size,
+            mesh=self.ctx.mesh,
+        )
+        return prompts, responses
+
+    def initial_lambda(self, r: np.ndarray, g: np.ndarray) -> list[float]:
+        """lambda_init from the config, or the one-shot dual optimum on pi_ref's samples."""
+        count = len(self.thresholds)
+        init = self.stage.lambda_init
+        if init is not None:
+            return list(init) if isinstance(init, list) else [float(init)] * count
+        m = self.stage.sampling.responses_per_prompt
+        try:
+            solution = solve_dual(
+                r.reshape(-1, m),
+                g.reshape(-1, m, count),
+                self.thresholds,
+                self.stage.beta,
+                relative=self.stage.relative_thresholds,
+            )
+        except (InfeasibleConstraintError, DualInputError) as e:
+            raise CaidError(
+                f"[{self.stage.name}] one-shot warm start: {e}; or set lambda_init"
+            ) from None
+        if jax.process_index() == 0:
+            print(f"[{self.stage.name}] one-shot dual warm start: lambda = {solution.lam.tolist()}")
+        return solution.lam.tolist()
+
+    def write_samples(self, t, prompts, responses, r, g) -> None:
+        if jax.process_index() != 0:
+            return
+        directory = os.path.join(self.ctx.stage_dir, "samples")
+        os.makedirs(directory, exist_ok=True)
+        with open(os.path.join(directory, f"{t}.jsonl"), "w", encoding="utf-8") as f:
+            for i, (prompt, response) in enumerate(zip(prompts, responses)):
+                row = {
+                    "prompt": prompt,
+                    "response": response,
+                    "reward": r[i],
+                    "utility": g[i].tolist(),
+                }
+                f.write(json.dumps(row) + "\n")
+
+    def log_dual(self, record: dict) -> None:
+        t = record["iteration"]
+        values = {"iteration": t, "reward": record["reward"], "feasible": float(record["feasible"])}
+        for key in ("lambda", "u", "u_se", "utility", "improvement"):
+            values.update({f"{key}/{i}": v for i, v in enumerate(record[key])})
+        self.logger.log(t * self.steps_per_iteration, values, prefix="caid/")
+        if jax.process_index() == 0:
+            shown = ", ".join(
+                f"{k}={np.round(record[k], 4).tolist()}" for k in ("lambda", "u", "reward")
+            )
+            print(f"[{self.stage.name}] iterate {t}: {shown}, feasible={record['feasible']}")
+
+    # -- policy step ------------------------------------------------------------------
+
+    def policy_step(
+        self, t: int, lam: np.ndarray, state: TrainState, first: int, history
+    ) -> TrainState:
+        """DPO from the current iterate on pairs pseudo-labelled under ``lam``."""
+        seed, total = self.ctx.seed, self.steps_per_iteration
+        swap = draw_second_preferred(self.pair_r, self.pair_g, lam, seed=seed, iteration=t)
+        labelled = self.pairs.dataset.swap_pairs(swap)
+        ctx = dataclasses.replace(self.ctx, seed=round_seed(seed, t, 1))
+        train = self.stage.train
+        loader = make_loader(
+            labelled,
+            self.stage.data,
+            ctx,
+            train.batch_size,
+            train=True,
+            grad_accum=train.grad_accum,
+        )
+        if first == 0:
+            state = self.fresh_state(state.params)
+            rate = float(second_preferred_probability(self.pair_r, self.pair_g, lam).mean())
+            self.logger.log(
+                t * total,
+                {"second_preferred_rate": rate, "drawn_rate": float(swap.mean())},
+                prefix="caid/",
+            )
+        progress = tqdm(
+            total=total,
+            initial=first,
+            desc=f"{self.stage.name} iteration {t + 1}/{self.stage.iterations}",
+            dynamic_ncols=True,
+            disable=not self.ctx.progress_bar or jax.process_index() != 0,
+        )
+        with checkpoint.PreemptionGuard() as guard:
+            for index, batch in loader.iterate(first, total - first):
+                placed = self.global_batch(batch)
+                if self.train_step is None:
+                    self.train_step = self.compile_step(placed)
+                state, metrics = self.train_step(state, placed, self.coeffs)
+                done = index + 1
+                progress.update(1)
+                step = t * total + done
+                if done % train.log_every == 0 or done == total:
+                    self.log_train(step, done, metrics)
+                meta = {"iteration": t, "local_step": done, "history": history}
+                if guard.should_stop(step):
+                    self.checkpointer.save(step, state, meta, force=True)
+                    self.checkpointer.close()
+                    progress.close()
+                    where = f"iteration {t}, step {done}"
+                    print(f"[{self.stage.name}] preempted at {where}: saved; rerun to resume")
+                    raise SystemExit(0)
+                self.checkpointer.save(step, state, meta)
+        progress.close()
+        return state
+
+    def global_batch(self, batch: dict) -> dict:
+        accum = self.stage.train.grad_accum
+        shardings = steps.batch_shardings(self.ctx.mesh, batch, accum)
+        return {k: make_global({k: v}, shardings[k])[k] for k, v in batch.items()}
+
+    def compile_step(self, placed: dict):
+        accum = self.stage.train.grad_accum
+        return steps.make_train_step(
+            self.graphdef,
+            self.objective,
+            self.optimizer,
+            state_shardings=self.state_shardings,
+            batch_shardings=steps.batch_shardings(self.ctx.mesh, placed, accum),
+            mesh=self.ctx.mesh,
+            grad_accum=accum,
+        )
+
+    def log_train(self, step: int, done: int, metrics: dict) -> None:
+        """Log (and NaN-check: a non-finite loss stops before any further save)."""
+        metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
+        if not math.isfinite(metrics["loss"]):
+            self.checkpointer.close()
+            last = self.checkpointer.latest_step()
+            raise TrainingError(
+                f"[{self.stage.name}] loss is {metrics['loss']} at step {step}: stopped; the "
+                f"last good checkpoint (step {last}) is in {self.checkpointer.directory}; lower "
+                "the learning rate or check the data, then rerun to resume from it"
+            )
+        schedule = schedule_shape(self.steps_per_iteration, self.stage.train.warmup_ratio)
+        metrics["learning_rate"] = float(self.coeffs["learning_rate"]) * float(schedule(done - 1))
+        self.logger.log(step, metrics)
+
+    # -- the end ----------------------------------------------------------------------
+
+    def finish(self, history: list[dict]) -> Llama:
+        """History file, plot, the best iterate as the stage's model, FINISHED marker."""
+        best = best_iterate(history)
+        stage_dir = self.ctx.stage_dir
+        if jax.process_index() == 0:
+            summary = {
+                "best_iterate": best,
+                "thresholds": self.thresholds.tolist(),
+                "relative_thresholds": self.stage.relative_thresholds,
+                "constraints": [c.model for c in self.stage.constraints],
+                "history": history,
+            }
+            with open(os.path.join(stage_dir, HISTORY_FILE), "w") as f:
+                json.dump(summary, f, indent=2)
+            plots.plot_dual_trajectories(history, os.path.join(stage_dir, "dual_trajectories.png"))
+            kind = "feasible" if history[best]["feasible"] else "none feasible: least violating"
+            print(f"[{self.stage.name}] best iterate: {best} ({kind})")
+        self.publish_model(best)
+        self.checkpointer.mark_finished({"best_iterate": best, "iterations": self.stage.iterations})
+        self.checkpointer.close()
+        self.logger.close()
+        return self.reference if best == 0 else load_finished(self.ctx, self.reference)
+
+    def publish_model(self, best: int) -> None:
+        """``model/``: a link to ``iterates/<best>``, or an export of pi_ref for iterate 0."""
+        path = os.path.join(self.ctx.stage_dir, MODEL_DIR)
+        if jax.process_index() == 0:
+            if os.path.islink(path) or os.path.isfile(path):
+                os.unlink(path)
+            elif os.path.isdir(path):
+                shutil.rmtree(path)
+            if best > 0:
+                os.symlink(os.path.join(ITERATES_DIR, str(best)), path)
+        if best == 0:
+            hf.save_checkpoint(self.reference, path, self.ctx.tokenizer)
+
+
+def _read_prompts(stage: CaidStage) -> list[str]:
+    from sacpo_jax.evaluate import EvaluationError, read_prompts
+
+    p = stage.prompts
+    try:
+        return [row["prompt"] for row in read_prompts(p.source, p.field, p.limit)]
+    except EvaluationError as e:
+        raise CaidError(f"[{stage.name}] prompts: {e}") from None

@@ -1,0 +1,435 @@
+"""CAID: pseudo-labels, the dual update, thresholds, best iterate, and runs on the bundled task.
+
+The end-to-end tests train a small SFT model (pi_ref) and a cost model on the bundled
+oracle task, then run CAID with the trained cost model under two thresholds, one the
+reference violates and one it satisfies. Sampling error is stated explicitly: an
+iterate "satisfies" a constraint when u + 2 * se >= 0, se = std(g) / sqrt(N * M).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+
+import numpy as np
+import pytest
+
+from sacpo_jax.algorithms.caid import CaidRun, best_iterate, dual_update, iterate_estimates
+from sacpo_jax.algorithms.caid_scoring import OracleScorer, PairSet
+from sacpo_jax.algorithms.pseudo_labels import (
+    PseudoLabelError,
+    draw_second_preferred,
+    second_preferred_probability,
+)
+from sacpo_jax.config import CaidStage, ConfigError, load_config
+from sacpo_jax.data.oracle_tokenizer import oracle_tokenizer
+from sacpo_jax.data.pipeline import build_dataset
+from sacpo_jax.data.spec import DataSpec
+from sacpo_jax.models import hf
+from sacpo_jax.training.runner import StageContext, params_fingerprint
+
+CONFIGS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
+TEMPLATE = "BEGINNING OF CONVERSATION: USER: {prompt} ASSISTANT:"
+
+
+# ----------------------------------------------------------------------------- pseudo-labels
+
+
+def test_label_rate_matches_sigmoid_of_the_lagrangian_difference():
+    # Three kinds of pair, 6000 copies each; w = r + lam . g with two constraints.
+    lam = np.array([0.5, 2.0])
+    kinds_r = np.array([[0.0, 1.0], [2.0, 0.0], [0.3, 0.3]])
+    kinds_g = np.array(
+        [[[0.0, 0.0], [-1.0, 0.0]], [[0.0, -1.0], [0.0, 0.5]], [[1.0, 0.0], [1.0, 0.0]]]
+    )
+    # by hand: w1 - w0 = 1 - 0.5 = 0.5;  -2 + 2*(0.5 + 1) = 1.0;  0
+    expected = [1 / (1 + math.exp(-0.5)), 1 / (1 + math.exp(-1.0)), 0.5]
+    copies = 6000
+    r, g = np.repeat(kinds_r, copies, axis=0), np.repeat(kinds_g, copies, axis=0)
+    np.testing.assert_allclose(second_preferred_probability(r, g, lam)[::copies], expected)
+    drawn = draw_second_preferred(r, g, lam, seed=3, iteration=1).reshape(3, copies)
+    for rate, p in zip(drawn.mean(axis=1), expected):
+        assert abs(rate - p) < 4 * math.sqrt(p * (1 - p) / copies), (rate, p)
+
+
+def test_label_draws_are_a_function_of_seed_and_iteration():
+    r, g = np.zeros((500, 2)), np.zeros((500, 2, 1))
+    first = draw_second_preferred(r, g, 1.0, seed=0, iteration=2)
+    assert np.array_equal(first, draw_second_preferred(r, g, 1.0, seed=0, iteration=2))
+    assert not np.array_equal(first, draw_second_preferred(r, g, 1.0, seed=0, iteration=3))
+
+
+def test_label_inputs_are_checked():
+    with pytest.raises(PseudoLabelError, match="lam: expected 2 entries"):
+        second_preferred_probability(np.zeros((3, 2)), np.zeros((3, 2, 2)), [1.0])
+    with pytest.raises(PseudoLabelError, match="r: pair 1 is not finite"):
+        second_preferred_probability(np.array([[0, 0], [np.nan, 0]]), np.zeros((2, 2)), 1.0)
+
+
+# ----------------------------------------------------------------------------- dual step
+
+
+def test_dual_update_projects_at_zero_per_constraint():
+    # violated (u < 0) raises lam; slack lowers it, stopping at 0
+    lam = dual_update([1.0, 0.2, 0.0], [-0.5, 0.3, 0.4], 2.0)
+    np.testing.assert_allclose(lam, [2.0, 0.0, 0.0])
+    np.testing.assert_allclose(dual_update([1.0], [0.25], 2.0), [0.5])
+
+
+def test_relative_and_absolute_thresholds():
+    r = np.array([1.0, 3.0])
+    g = np.array([[1.0, 2.0], [3.0, 4.0]])  # means [2, 3]; std (ddof 1) of each column sqrt(2)
+    reference, b = np.array([1.5, 3.5]), np.array([0.25, -1.0])
+    rel = iterate_estimates(r, g, reference, b, relative=True)
+    np.testing.assert_allclose(rel["improvement"], [0.5, -0.5])
+    np.testing.assert_allclose(rel["u"], [0.25, 0.5])  # E g - E_ref g - b
+    np.testing.assert_allclose(rel["u_se"], [1.0, 1.0])  # sqrt(2) / sqrt(2)
+    assert rel["reward"] == 2.0 and rel["feasible"]
+    absolute = iterate_estimates(r, g, reference, b, relative=False)
+    np.testing.assert_allclose(absolute["u"], [1.75, 4.0])  # E g - b
+    tight = iterate_estimates(r, g, reference, np.array([0.75, -1.0]), relative=True)
+    assert not tight["feasible"]
+
+
+def test_best_iterate_prefers_feasible_reward_then_least_violation():
+    history = [
+        {"reward": 5.0, "u": [-0.1], "feasible": False},
+        {"reward": 1.0, "u": [0.2], "feasible": True},
+        {"reward": 2.0, "u": [0.0], "feasible": True},
+    ]
+    assert best_iterate(history) == 2
+    infeasible = [
+        {"reward": 5.0, "u": [-0.3, 0.1], "feasible": False},
+        {"reward": 0.0, "u": [-0.1, -0.1], "feasible": False},
+        {"reward": 1.0, "u": [-0.25, 2.0], "feasible": False},
+    ]
+    assert best_iterate(infeasible) == 1  # total violation 0.2 < 0.25 < 0.3
+
+
+# ----------------------------------------------------------------------------- config
+
+
+def caid_stage(**overrides) -> dict:
+    stage = {
+        "name": "caid",
+        "kind": "caid",
+        "data": {"source": {"type": "bundled", "name": "preference"}, "adapter": "pku_helpful"},
+        "reward": "oracle",
+        "constraints": [{"model": "oracle", "threshold": 0.2}],
+        "prompts": {"source": {"type": "bundled", "name": "eval_prompts"}, "limit": 8},
+    }
+    return {**stage, **overrides}
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        ({"lambda_init": [1.0, 2.0]}, "lambda_init: one value per constraint (1)"),
+        ({"lambda_init": -1.0}, "lambda_init must be >= 0"),
+        ({"method": "pecaid"}, "pecaid scores with DPO policies"),
+        ({"constraints": []}, "stages.0.constraints"),
+        (
+            {"data": {"source": {"type": "bundled", "name": "sft"}, "adapter": "sft"}},
+            "data.adapter 'sft' does not make pairs",
+        ),
+    ],
+)
+def test_caid_stage_errors_are_one_line(tmp_path, overrides, message):
+    config = {"model": {"random": {}}, "tokenizer": {"path": "bundled:oracle"}}
+    config["stages"] = [caid_stage(**overrides)]
+    path = tmp_path / "c.yaml"
+    path.write_text(json.dumps(config))
+    with pytest.raises(ConfigError) as error:
+        load_config(str(path))
+    assert message in str(error.value) and "\n" not in str(error.value)
+
+
+def test_caid_stage_lists_the_models_it_reads():
+    stage = CaidStage.model_validate(
+        caid_stage(
+            reward="rm",
+            constraints=[{"model": "c1", "threshold": 1}, {"model": "c2", "threshold": 2}],
+        )
+    )
+    assert stage.models == ["rm", "c1", "c2"]
+
+
+def test_paper_recipe_validates():
+    config = load_config(os.path.join(CONFIGS, "caid_pku_7b.yaml"))
+    stage = next(s for s in config.stages if s.kind == "caid")
+    assert (stage.iterations, stage.beta) == (4, 0.1)
+    assert (stage.prompts.limit, stage.sampling.responses_per_prompt) == (600, 64)
+    assert (stage.sampling.temperature, stage.sampling.top_p) == (1.0, 0.9)
+    assert 3 <= stage.constraints[0].threshold <= 9 and stage.relative_thresholds
+
+
+# ----------------------------------------------------------------------------- scorers
+
+
+def test_oracle_scores_of_pairs_match_the_split_columns():
+    tokenizer = oracle_tokenizer()
+    spec = DataSpec(
+        source={"type": "bundled", "name": "preference"},
+        adapter="scored_pair",
+        score_names=["reward", "cost"],
+        limit=200,
+        max_length=48,
+        max_prompt_length=24,
+    )
+    dataset, _ = build_dataset(spec, tokenizer)
+    pairs = PairSet(dataset, spec, ctx=None, batch_size=32)
+    for key, column, sign in (("reward", "reward", 1.0), ("cost", "cost", -1.0)):
+        scores = OracleScorer(key, tokenizer).on_pairs(pairs)
+        for slot in (0, 1):
+            np.testing.assert_array_equal(
+                scores[:, slot], sign * dataset.columns[f"score_{slot}_{column}"]
+            )
+
+
+# ----------------------------------------------------------------------------- runs
+
+SHORT = {"max_length": 48, "max_prompt_length": 24, "template": TEMPLATE}
+PAIRS = {
+    "source": {"type": "bundled", "name": "preference"},
+    "adapter": "scored_pair",
+    "score_names": ["reward", "cost"],
+    "limit": 320,
+    **SHORT,
+}
+SAMPLING = {"responses_per_prompt": 6, "max_new_tokens": 16, "stop": None, "batch_size": 256}
+PROMPTS = {"source": {"type": "bundled", "name": "eval_prompts"}, "limit": 48}
+POLICY_TRAIN = {"epochs": 1, "batch_size": 32, "learning_rate": 2.0e-3, "warmup_ratio": 0.1}
+
+
+def caid_run_stage(name: str, constraints: list[dict], **extra) -> dict:
+    return {
+        "name": name,
+        "kind": "caid",
+        "start": "sft",
+        "data": PAIRS,
+        "reward": "oracle",
+        "constraints": constraints,
+        "prompts": PROMPTS,
+        "sampling": SAMPLING,
+        "iterations": 2,
+        "beta": 0.1,
+        "train": {**POLICY_TRAIN, "log_every": 5, "save_every": 1000},
+        **extra,
+    }
+
+
+def write_config(path, run_dir, stages: list[dict]) -> str:
+    config = {
+        "name": "caid_test",
+        "run_dir": str(run_dir),
+        "tensorboard": False,
+        "progress_bar": False,
+        "model": {
+            "random": {
+                "hidden_size": 48,
+                "intermediate_size": 128,
+                "num_hidden_layers": 2,
+                "num_attention_heads": 4,
+                "num_key_value_heads": 2,
+                "init_std": 0.05,
+            }
+        },
+        "tokenizer": {"path": "bundled:oracle"},
+        "stages": [
+            {
+                "name": "sft",
+                "kind": "sft",
+                "data": {"source": {"type": "bundled", "name": "sft"}, "adapter": "sft", **SHORT},
+                "train": {
+                    "epochs": 2,
+                    "batch_size": 32,
+                    "learning_rate": 3.0e-3,
+                    "save_every": 1000,
+                },
+            },
+            {
+                "name": "cost",
+                "kind": "cost",
+                "data": {
+                    "source": {"type": "bundled", "name": "preference"},
+                    "adapter": "pku_cost",
+                    "limit": 1024,
+                    **SHORT,
+                },
+                "train": {
+                    "epochs": 1,
+                    "batch_size": 32,
+                    "learning_rate": 3.0e-3,
+                    "save_every": 1000,
+                },
+            },
+            *stages,
+        ],
+    }
+    path.write_text(json.dumps(config))
+    return str(path)
+
+
+def run_chain(config_path: str) -> None:
+    from sacpo_jax.run import run
+
+    run(load_config(config_path))
+
+
+def read_json(path) -> dict:
+    with open(path) as f:
+        return json.load(f)
+
+
+def history_of(run_dir, stage: str) -> dict:
+    return read_json(os.path.join(run_dir, "stages", stage, "caid_history.json"))
+
+
+def samples_of(run_dir, stage: str, iteration: int) -> list[dict]:
+    with open(os.path.join(run_dir, "stages", stage, "samples", f"{iteration}.jsonl")) as f:
+        return [json.loads(line) for line in f]
+
+
+@pytest.fixture(scope="module")
+def chain(tmp_path_factory):
+    """sft -> cost model -> CAID with a slack threshold, then CAID with a tight one.
+
+    The tight threshold is 30% of the best-of-M improvement in the cost model's units,
+    measured on the reference's own samples (the slack run's iterate 0, which the tight
+    run repeats exactly: same start, same sampling seeds).
+    """
+    run_dir = tmp_path_factory.mktemp("caid_chain")
+    slack = caid_run_stage(
+        "caid_slack", [{"model": "cost", "threshold": -1.0}], lambda_init=1.0, dual_lr=0.5
+    )
+    run_chain(write_config(run_dir / "a.json", run_dir, [slack]))
+    g = np.array([row["utility"][0] for row in samples_of(run_dir, "caid_slack", 0)])
+    per_prompt = g.reshape(-1, SAMPLING["responses_per_prompt"])
+    best_of_m = float(np.mean(per_prompt.max(axis=1) - per_prompt.mean(axis=1)))
+    tight_b = 0.3 * best_of_m
+    tight = caid_run_stage("caid_tight", [{"model": "cost", "threshold": tight_b}], dual_lr=2.0)
+    run_chain(write_config(run_dir / "b.json", run_dir, [slack, tight]))
+    return run_dir, tight_b
+
+
+def test_caid_lowers_lambda_when_the_constraint_is_slack(chain):
+    run_dir, _ = chain
+    history = history_of(run_dir, "caid_slack")["history"]
+    lam = [h["lambda"][0] for h in history]
+    u = [h["u"][0] for h in history]
+    assert u[0] == pytest.approx(1.0)  # relative threshold -1: u_0 = 0 - (-1)
+    assert lam[0] == 1.0 and lam[1] == pytest.approx(0.5)  # 1 - 0.5 * 1
+    for t in range(len(history) - 1):  # slack (u > 0) lowers lam, down to 0
+        assert u[t] > 0 and lam[t + 1] == pytest.approx(max(0.0, lam[t] - 0.5 * u[t]))
+    assert lam[-1] < lam[0]
+
+
+def test_caid_meets_a_violated_constraint_with_a_trained_cost_model(chain):
+    run_dir, tight_b = chain
+    summary = history_of(run_dir, "caid_tight")
+    history = summary["history"]
+    first = history[0]
+    # the reference violates it by more than the sampling error, so the test can fail
+    assert first["u"][0] == pytest.approx(-tight_b) and tight_b > 2 * first["u_se"][0]
+    # one-shot warm start, then a violated constraint raises lambda
+    assert first["lambda"][0] > 0
+    assert history[1]["lambda"][0] == pytest.approx(first["lambda"][0] + 2.0 * tight_b)
+    best = history[summary["best_iterate"]]
+    print(
+        {"b": tight_b, "history": [(h["lambda"], h["u"], h["u_se"], h["reward"]) for h in history]}
+    )
+    assert summary["best_iterate"] > 0
+    assert best["u"][0] + 2 * best["u_se"][0] >= 0  # satisfied within 2 standard errors
+    assert best["improvement"][0] > 0  # the cost model's expected cost went down
+    stage_dir = os.path.join(run_dir, "stages", "caid_tight")
+    assert os.path.isfile(os.path.join(stage_dir, "dual_trajectories.png"))
+    assert os.path.realpath(os.path.join(stage_dir, "model")) == os.path.realpath(
+        os.path.join(stage_dir, "iterates", str(summary["best_iterate"]))
+    )
+
+
+# ----------------------------------------------------------------------------- engine
+
+
+def direct_stage(**extra) -> CaidStage:
+    spec = caid_run_stage(
+        "direct",
+        [{"model": "oracle", "threshold": 0.1}],
+        lambda_init=1.0,
+        dual_lr=4.0,
+        **extra,
+    )
+    spec["data"] = {**PAIRS, "limit": 192}
+    spec["prompts"] = {**PROMPTS, "limit": 16}
+    spec["sampling"] = {**SAMPLING, "responses_per_prompt": 4}
+    spec["train"] = {**POLICY_TRAIN, "log_every": 2, "save_every": 4}
+    return CaidStage.model_validate(spec)
+
+
+def direct_context(directory) -> StageContext:
+    from sacpo_jax import parallel
+
+    return StageContext(
+        mesh=parallel.make_mesh(1, -1, 1),
+        tokenizer=oracle_tokenizer(),
+        stage_dir=str(directory / "stage"),
+        cache_dir=str(directory / "cache"),
+        tensorboard=False,
+        progress_bar=False,
+    )
+
+
+def final_fingerprint(directory) -> str:
+    return params_fingerprint(hf.load_checkpoint(str(directory / "stage" / "iterates" / "2")))
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(chain, tmp_path_factory):
+    run_dir, _ = chain
+    reference = hf.load_checkpoint(os.path.join(run_dir, "stages", "sft", "model"))
+    before = params_fingerprint(reference)
+    directory = tmp_path_factory.mktemp("caid_direct")
+    caid = CaidRun(direct_stage(), reference, {}, direct_context(directory))
+    caid.run()
+    return caid, reference, before, directory
+
+
+def test_lambda_updates_do_not_recompile_the_train_step(uninterrupted):
+    caid, reference, before, _ = uninterrupted
+    history = read_json(os.path.join(caid.ctx.stage_dir, "caid_history.json"))["history"]
+    lambdas = [h["lambda"][0] for h in history]
+    assert lambdas[1] != lambdas[2]  # the two policy steps ran under different lambdas
+    assert caid.train_step._cache_size() == 1
+    assert params_fingerprint(reference) == before  # pi_ref is never trained or donated
+
+
+def test_a_caid_stage_resumes_mid_iteration(uninterrupted, tmp_path):
+    expected, reference, _, expected_dir = uninterrupted
+    context = direct_context(tmp_path)
+    interrupted = CaidRun(direct_stage(), reference, {}, context)
+    compile_step = interrupted.compile_step
+    calls = []
+
+    def preempting_compile(placed):
+        step = compile_step(placed)
+
+        def counted(*args):
+            calls.append(1)
+            if len(calls) == interrupted.steps_per_iteration + 2:  # inside iteration 1
+                os.kill(os.getpid(), signal.SIGTERM)
+            return step(*args)
+
+        return counted
+
+    interrupted.compile_step = preempting_compile
+    with pytest.raises(SystemExit):
+        interrupted.run()
+    assert not os.path.exists(os.path.join(context.stage_dir, "caid_history.json"))
+    resumed = CaidRun(direct_stage(), reference, {}, context)
+    resumed.run()
+    got = read_json(os.path.join(context.stage_dir, "caid_history.json"))
+    want = read_json(os.path.join(expected.ctx.stage_dir, "caid_history.json"))
+    assert got == want
+    assert final_fingerprint(tmp_path) == final_fingerprint(expected_dir)
