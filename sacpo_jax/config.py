@@ -159,6 +159,7 @@ class PreferenceStage(StageBase):
     ``reference``: "start" (the stage's own starting model: SACPO's realignment),
     an earlier stage's name, or an HF directory. ``beta`` may be a list: the stage
     fans out into one run per value (a beta/lambda sweep), each from the same start.
+    ``rpo_alpha``: weight of an added chosen-response NLL term (TRL's RPO; 0 = plain DPO).
     ``reference_mode``: "precompute" (one pass before training, cached; only the policy
     is in memory while training) or "on_the_fly" (a frozen copy scores every batch).
     """
@@ -170,6 +171,7 @@ class PreferenceStage(StageBase):
     beta: float | list[float] = 0.1
     loss_type: Literal["sigmoid", "robust", "hinge", "ipo"] = "sigmoid"
     label_smoothing: float = Field(0.0, ge=0, lt=0.5)
+    rpo_alpha: float = Field(0.0, ge=0)
     desirable_weight: float = Field(1.0, gt=0)
     undesirable_weight: float | Literal["balanced"] = 1.0
     reference_mode: Literal["precompute", "on_the_fly"] = "precompute"

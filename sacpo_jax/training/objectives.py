@@ -57,7 +57,13 @@ def policy_pair_logps(model: Llama, batch: dict) -> dict[str, jax.Array]:
 
 
 def dpo_objective(model: Llama, batch: dict, coeffs: dict, *, loss_type: str = "sigmoid"):
-    """DPO family (sigmoid / cDPO / robust / hinge / IPO) with coefficient coeffs["beta"]."""
+    """DPO family (sigmoid / cDPO / robust / hinge / IPO) with coefficient coeffs["beta"].
+
+    With coeffs["rpo_alpha"] = a > 0 (TRL's ``rpo_alpha``, RPO: Pang et al. 2024) the
+    per-token NLL of the chosen response is added: loss = dpo + a * (-pi_c / |y_c|).
+    It keeps the chosen answers likely, against the drift of both log-probs downward
+    that plain DPO shows on small models and small beta.
+    """
     policy = policy_pair_logps(model, batch)
     per_pair, chosen_rewards, rejected_rewards = losses.dpo_loss(
         policy["chosen_logps"],
@@ -70,9 +76,12 @@ def dpo_objective(model: Llama, batch: dict, coeffs: dict, *, loss_type: str = "
         chosen_lengths=policy["chosen_lengths"],
         rejected_lengths=policy["rejected_lengths"],
     )
+    chosen_nll = -policy["chosen_logps"] / jnp.maximum(policy["chosen_lengths"], 1.0)
+    per_pair = per_pair + coeffs.get("rpo_alpha", 0.0) * chosen_nll
     metrics = losses.preference_metrics(
         chosen_rewards, rejected_rewards, policy["chosen_logps"], policy["rejected_logps"]
     )
+    metrics["nll/chosen"] = jnp.mean(chosen_nll)
     metrics["logits/chosen"] = jnp.mean(policy["chosen_logits"])
     metrics["logits/rejected"] = jnp.mean(policy["rejected_logits"])
     rows = {

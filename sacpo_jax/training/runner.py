@@ -92,6 +92,8 @@ def coefficients(stage, dataset: TokenizedDataset) -> dict[str, float]:
     if isinstance(stage, PreferenceStage):
         coeffs["beta"] = float(stage.beta)
         coeffs["label_smoothing"] = stage.label_smoothing
+        if stage.kind == "dpo":
+            coeffs["rpo_alpha"] = stage.rpo_alpha
         if stage.kind == "kto":
             coeffs["desirable_weight"] = stage.desirable_weight
             weight = stage.undesirable_weight
