@@ -16,7 +16,7 @@ import yaml
 
 from sacpo_jax import checkpoint, parallel
 from sacpo_jax.algorithms.merge import merge_models, two_model_weights
-from sacpo_jax.config import BUNDLED_TOKENIZER, TRAINING_KINDS, RunConfig
+from sacpo_jax.config import BUNDLED_TOKENIZER, TRAINING_KINDS, ConfigError, RunConfig
 from sacpo_jax.data.tokenize import load_tokenizer
 from sacpo_jax.models import hf
 from sacpo_jax.models.init import init_model
@@ -169,7 +169,10 @@ def mark_finished(stage_dir: str, info: dict) -> None:
 
 def run(config: RunConfig) -> list:
     """Run the whole chain; returns the expanded list of stages."""
-    mesh = parallel.make_mesh(config.mesh.data, config.mesh.fsdp, config.mesh.tensor)
+    try:
+        mesh = parallel.make_mesh(config.mesh.data, config.mesh.fsdp, config.mesh.tensor)
+    except ValueError as e:  # sizes that do not fit the devices: a config error, one line
+        raise ConfigError(str(e)) from None
     write_resolved_config(config)
     tokenizer = tokenizer_from_path(
         config.tokenizer.path or config.model.path, config.tokenizer.trust_remote_code
