@@ -20,6 +20,8 @@ import orbax.checkpoint as ocp
 import pytest
 import yaml
 
+from sacpo_jax import train
+from sacpo_jax.config import ConfigError, load_config
 from sacpo_jax.training.metrics_log import read_metrics
 
 PAIR_DATA = {
@@ -226,3 +228,95 @@ def _leaves(tree):
             yield from _leaves(value)
     else:
         yield tree
+
+
+# ----------------------------------------------------------------------------- config errors
+
+CONFIG_ERRORS = [
+    (
+        ["stages.0.train.max_stepz=3"],
+        "unknown key 'stages.0.train.max_stepz'; did you mean 'max_steps'?",
+    ),
+    (["sead=1"], "unknown key 'sead'; did you mean 'seed'?"),
+    (["stages.dpo.beta_=0.2"], "unknown key 'stages.1.beta_'; did you mean 'beta'?"),
+    (
+        ["stages.0.train.batch_size=abc"],
+        "stages.0.train.batch_size: Input should be a valid integer, unable to parse string as "
+        "an integer (got 'abc')",
+    ),
+    (
+        ["stages.dpo.beta=[0.1, high]"],
+        "stages.1.beta: Input should be a valid number",
+    ),
+    (
+        ["model={path: /nonexistent/model}"],
+        "model.path: no Hugging Face model at /nonexistent/model (config.json not found)",
+    ),
+]
+
+
+@pytest.mark.parametrize(("overrides", "message"), CONFIG_ERRORS)
+def test_load_config_names_the_bad_key_in_one_line(tmp_path, overrides, message):
+    path = write_config(tmp_path / "run.yaml", chain_config())
+    with pytest.raises(ConfigError) as error:
+        load_config(str(path), overrides)
+    text = str(error.value)
+    assert "\n" not in text
+    assert text.startswith(f"{path}: {message}")
+    assert load_config(str(path), []).stages[1].name == "dpo"  # the file itself is valid
+
+
+def test_load_config_missing_file(tmp_path):
+    with pytest.raises(ConfigError, match=r"^config file \S+nope\.yaml not found$"):
+        load_config(str(tmp_path / "nope.yaml"))
+
+
+def run_main(argv: list[str], capsys) -> tuple[int, list[str]]:
+    code = train.main(argv)
+    return code, capsys.readouterr().err.strip().splitlines()
+
+
+@pytest.mark.parametrize(("overrides", "message"), CONFIG_ERRORS)
+def test_cli_config_errors_exit_2_with_one_line(tmp_path, capsys, overrides, message):
+    path = write_config(tmp_path / "run.yaml", chain_config())
+    code, lines = run_main(["--config", str(path), f"run_dir={tmp_path}/run", *overrides], capsys)
+    assert code == 2
+    (line,) = lines
+    assert line.startswith(f"error: {path}: {message}")
+
+
+def test_cli_missing_files_exit_2_with_one_line(tmp_path, capsys):
+    code, lines = run_main(["--config", str(tmp_path / "absent.yaml")], capsys)
+    assert (code, lines) == (2, [f"error: config file {tmp_path / 'absent.yaml'} not found"])
+
+    # A data file that does not exist is found when its stage reads it.
+    path = write_config(tmp_path / "run.yaml", chain_config())
+    missing = tmp_path / "absent.jsonl"
+    source = f"stages.sft.data.source={{type: jsonl, path: {missing}}}"
+    code, lines = run_main(
+        ["--config", str(path), f"run_dir={tmp_path}/run", "mesh.fsdp=-1", source], capsys
+    )
+    assert code == 2
+    (line,) = lines
+    assert line.startswith(f"error: {missing}: cannot read file")
+
+    # A mesh that does not fit the devices (8 here).
+    code, lines = run_main(
+        ["--config", str(path), f"run_dir={tmp_path}/run", "mesh.data=3"], capsys
+    )
+    assert code == 2
+    (line,) = lines
+    assert (
+        line
+        == "error: mesh {'data': 3, 'fsdp': 1, 'tensor': 1} needs 3 devices, but 8 are available"
+    )
+
+
+def test_cli_entry_point_exit_code_and_stderr(cli_env, tmp_path):
+    path = write_config(tmp_path / "run.yaml", chain_config())
+    command = [sys.executable, "-m", "sacpo_jax.train", "--config", str(path), "sead=1"]
+    result = subprocess.run(command, env=cli_env, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2
+    assert result.stderr.splitlines() == [
+        f"error: {path}: unknown key 'sead'; did you mean 'seed'?"
+    ]
