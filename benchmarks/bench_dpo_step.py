@@ -1,0 +1,169 @@
+"""DPO train-step throughput and peak memory: precomputed vs on-the-fly reference.
+
+    python benchmarks/bench_dpo_step.py [--layers 4 --hidden 256 --batch 16 --length 128]
+
+Each mode runs in its own process (so ``ru_maxrss``, the peak resident memory, is that
+mode's): ``precompute`` steps on batches that already carry the reference log-probs
+(the reference pass is timed once, per pair); ``on_the_fly`` keeps a frozen copy of the
+model and runs its forward before every step, as the SACPO paper did. Tokens/s counts
+the chosen and the rejected sequence of every pair (all tokens real, no padding).
+Random token ids; a LLaMA with the given width and depth, vocabulary ``--vocab``.
+Prints one markdown table row per mode.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import subprocess
+import sys
+import time
+
+MODES = ("precompute", "on_the_fly")
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--layers", type=int, default=4)
+    parser.add_argument("--hidden", type=int, default=256)
+    parser.add_argument("--heads", type=int, default=8)
+    parser.add_argument("--kv-heads", type=int, default=4)
+    parser.add_argument("--vocab", type=int, default=8192)
+    parser.add_argument("--batch", type=int, default=16, help="pairs per step")
+    parser.add_argument("--length", type=int, default=128, help="tokens per sequence")
+    parser.add_argument("--steps", type=int, default=10, help="timed steps (after 2 warm-up)")
+    parser.add_argument("--mode", choices=MODES, help="run one mode in this process")
+    return parser.parse_args(argv)
+
+
+def random_pairs(args, seed: int) -> dict:
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    shape = (args.batch, args.length)
+    prompt = args.length // 4
+    loss_mask = np.zeros(shape, np.int32)
+    loss_mask[:, prompt:] = 1
+    batch = {}
+    for side in ("chosen", "rejected"):
+        batch[f"{side}_input_ids"] = rng.integers(4, args.vocab, shape, dtype=np.int32)
+        batch[f"{side}_attention_mask"] = np.ones(shape, np.int32)
+        batch[f"{side}_loss_mask"] = loss_mask
+    return batch
+
+
+def _place(batch: dict) -> dict:
+    import jax
+
+    return jax.block_until_ready({name: jax.device_put(x) for name, x in batch.items()})
+
+
+def measure(args) -> dict:
+    import jax
+
+    from sacpo_jax import parallel
+    from sacpo_jax.models.init import init_model
+    from sacpo_jax.models.llama import LlamaConfig
+    from sacpo_jax.training import objectives
+    from sacpo_jax.training import step as steps
+    from sacpo_jax.training.state import create_state, make_optimizer, split_model
+
+    mesh = parallel.make_mesh(1, 1, 1, devices=jax.devices()[:1])
+    architecture = LlamaConfig(
+        vocab_size=args.vocab,
+        hidden_size=args.hidden,
+        intermediate_size=int(args.hidden * 8 / 3) // 8 * 8,
+        num_hidden_layers=args.layers,
+        num_attention_heads=args.heads,
+        num_key_value_heads=args.kv_heads,
+        head_dim=args.hidden // args.heads,
+    )
+    model = init_model(architecture, mesh, seed=0)
+    graphdef, params = split_model(model)
+    del model
+    reference_step = steps.make_reference_step(graphdef, "dpo")
+    batches = [_place(random_pairs(args, seed)) for seed in range(args.steps + 2)]
+    reference_seconds = reference_params = None
+    if args.mode == "precompute":
+        # The reference is the start model: one pass, then only the policy stays.
+        jax.block_until_ready(reference_step(params, batches[0]))  # compile
+        start = time.perf_counter()
+        outs = jax.block_until_ready([reference_step(params, batch) for batch in batches])
+        reference_seconds = (time.perf_counter() - start) / len(batches)
+        batches = [{**batch, **out} for batch, out in zip(batches, outs)]
+        example = batches[0]
+    else:
+        reference_params = jax.tree.map(lambda x: x.copy(), params)  # the frozen copy
+        example = {**batches[0], **reference_step(reference_params, batches[0])}
+    optimizer = make_optimizer(1000)
+    init = jax.jit(lambda p: create_state(p, optimizer, seed=0))
+    shardings = parallel.state_shardings(jax.eval_shape(init, params), mesh)
+    state = jax.jit(init, out_shardings=shardings, donate_argnums=0)(params)
+    del params
+    coeffs = steps.coefficient_arrays({"learning_rate": 1e-5, "beta": 0.1})
+    train_step = steps.make_train_step(
+        graphdef,
+        objectives.build_objective("dpo"),
+        optimizer,
+        state_shardings=shardings,
+        batch_shardings=steps.batch_shardings(mesh, example),
+        mesh=mesh,
+    )
+
+    def one_step(state, batch):
+        if args.mode == "on_the_fly":
+            batch = {**batch, **reference_step(reference_params, batch)}
+        return train_step(state, batch, coeffs)
+
+    for batch in batches[:2]:  # compile and warm up
+        state, metrics = one_step(state, batch)
+    jax.block_until_ready(metrics)
+    start = time.perf_counter()
+    for batch in batches[2:]:
+        state, metrics = one_step(state, batch)
+    jax.block_until_ready(metrics)
+    seconds = (time.perf_counter() - start) / args.steps
+    tokens = 2 * args.batch * args.length
+    return {
+        "mode": args.mode,
+        "step_seconds": seconds,
+        "tokens_per_second": tokens / seconds,
+        "reference_pass_seconds_per_step_batch": reference_seconds,
+        "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "parameters": sum(x.size for x in jax.tree.leaves(state.params)),
+    }
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
+    if args.mode:
+        print(json.dumps(measure(args)))
+        return
+    results = []
+    for mode in MODES:
+        command = [sys.executable, __file__, *(argv or sys.argv[1:]), "--mode", mode]
+        out = subprocess.run(command, check=True, capture_output=True, text=True).stdout
+        results.append(json.loads(out.strip().splitlines()[-1]))
+    print(
+        f"DPO step, {args.layers} layers x width {args.hidden}, vocab {args.vocab}, "
+        f"{results[0]['parameters'] / 1e6:.1f}M parameters, {args.batch} pairs x {args.length} "
+        f"tokens, float32, {os.cpu_count()} CPU cores ({platform.machine()})"
+    )
+    print("\n| reference | step (s) | tokens/s | peak RSS (MiB) |")
+    print("|---|---|---|---|")
+    for r in results:
+        print(
+            f"| {r['mode']} | {r['step_seconds']:.3f} | {r['tokens_per_second']:.0f} "
+            f"| {r['peak_rss_mib']:.0f} |"
+        )
+    reference = results[0]["reference_pass_seconds_per_step_batch"]
+    print(
+        f"\nprecompute: one-time reference pass {reference:.3f} s per batch of {args.batch} pairs"
+    )
+
+
+if __name__ == "__main__":
+    main()
