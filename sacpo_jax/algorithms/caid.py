@@ -86,6 +86,7 @@ __all__ = [
 
 HISTORY_FILE = "caid_history.json"
 ITERATES_DIR = "iterates"
+CHECKPOINTS_DIR = "checkpoints"
 
 
 # ----------------------------------------------------------------------------- dual math
@@ -148,7 +149,7 @@ def run_caid(
 ) -> Llama:
     """CAID from ``reference`` (pi_ref) with scorers from ``models`` (by name); returns the
     best iterate. A finished stage is loaded from its export."""
-    if checkpoint.is_finished(ctx.stage_dir):
+    if checkpoint.is_finished(os.path.join(ctx.stage_dir, CHECKPOINTS_DIR)):  # mark_finished's
         return load_finished(ctx, reference)
     return CaidRun(stage, reference, models, ctx).run()
 
@@ -199,7 +200,7 @@ class CaidRun:
         self.objective = objectives.build_objective("dpo", "sigmoid")
         self.train_step = None
         self.checkpointer = checkpoint.StageCheckpointer(
-            os.path.join(ctx.stage_dir, "checkpoints"),
+            os.path.join(ctx.stage_dir, CHECKPOINTS_DIR),
             save_every=train.save_every,
             keep=train.keep_checkpoints,
         )
