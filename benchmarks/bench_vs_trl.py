@@ -1,0 +1,279 @@
+"""DPO step throughput and peak memory on CPU: sacpo_jax against TRL's DPOTrainer.
+
+    python benchmarks/bench_vs_trl.py [--steps 6 --warmup 2 --batch 8 --prompt 128 --completion 128]
+
+Both sides train the same LLaMA (random weights saved once by transformers and loaded
+by both), in float32, on the same pairs: every prompt has exactly ``--prompt`` tokens
+and every completion ``--completion`` tokens (its last one EOS), so no row is padded
+and both count the same real tokens, 2 * batch * (prompt + completion) per step.
+Each side runs in its own process; warmup steps (compilation, allocator warmup) are
+excluded; peak memory is the process's peak resident set size (ru_maxrss).
+
+Reference log-probs, each side's default:
+    sacpo_jax  precomputed once before training (reference_mode: precompute). Reported
+               as the step alone and amortised (step + the reference pass's share).
+    sacpo_jax  on the fly (reference_mode: on_the_fly), for comparison.
+    TRL        a frozen reference copy scored every step (precompute_ref_log_probs=False).
+Needs ``pip install trl`` (not a sacpo_jax dependency).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+
+WORDS = 4000  # tokenizer vocabulary: w0 ... w3999 plus 4 special tokens
+LLAMA = dict(
+    hidden_size=256,
+    intermediate_size=688,
+    num_hidden_layers=4,
+    num_attention_heads=8,
+    num_key_value_heads=4,
+    max_position_embeddings=1024,
+    pad_token_id=0,
+    bos_token_id=1,
+    eos_token_id=2,
+    tie_word_embeddings=False,
+)
+
+
+def make_tokenizer():
+    """A whitespace word-level tokenizer, so that token counts are exact."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {t: i for i, t in enumerate(["<pad>", "<s>", "</s>", "<unk>"])}
+    vocab.update({f"w{i}": i + 4 for i in range(WORDS)})
+    backend = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    return PreTrainedTokenizerFast(
+        tokenizer_object=backend, pad_token="<pad>", bos_token="<s>", eos_token="</s>"
+    )
+
+
+def make_pairs(n: int, prompt: int, completion: int, seed: int = 0) -> list[dict]:
+    """Text pairs; a completion has completion - 1 words, TRL and we append EOS."""
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+
+    def words(k):
+        return " ".join(f"w{i}" for i in rng.integers(0, WORDS, k))
+
+    return [
+        {
+            "prompt": words(prompt),
+            "chosen": words(completion - 1),
+            "rejected": words(completion - 1),
+        }
+        for _ in range(n)
+    ]
+
+
+def save_model(path: str) -> None:
+    import torch
+    import transformers
+
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(vocab_size=WORDS + 4, **LLAMA)
+    transformers.LlamaForCausalLM(config).save_pretrained(path)
+    make_tokenizer().save_pretrained(path)
+
+
+def ours(args, model_path: str, on_the_fly: bool) -> dict:
+    """Our compiled step on token batches built from the same pairs."""
+    import jax
+    import numpy as np
+
+    from sacpo_jax import parallel
+    from sacpo_jax.models import hf
+    from sacpo_jax.training import objectives
+    from sacpo_jax.training import step as steps
+    from sacpo_jax.training.state import create_state, make_optimizer, split_model
+
+    tokenizer = make_tokenizer()
+    pairs = make_pairs(args.batch * (args.warmup + args.steps), args.prompt, args.completion)
+    mesh = parallel.make_mesh()
+    model = hf.load_checkpoint(model_path, mesh=mesh)
+    graphdef, params = split_model(model)
+    optimizer = make_optimizer(1000, warmup_ratio=0.0)
+    state = jax.jit(create_state, static_argnums=(1, 2))(params, optimizer, 0)
+    shardings = parallel.state_shardings(jax.eval_shape(lambda: state), mesh)
+    reference_step = steps.make_reference_step(graphdef, "dpo")
+    reference_params = split_model(model)[1] if on_the_fly else None
+    objective = objectives.build_objective("dpo")
+    coeffs = steps.coefficient_arrays({"learning_rate": 1e-6, "beta": 0.1})
+
+    def batch_at(i):
+        rows = pairs[i * args.batch : (i + 1) * args.batch]
+        batch = {}
+        for side in ("chosen", "rejected"):
+            ids = np.array(
+                [
+                    tokenizer(r["prompt"])["input_ids"]
+                    + tokenizer(r[side])["input_ids"]
+                    + [tokenizer.eos_token_id]
+                    for r in rows
+                ],
+                np.int32,
+            )
+            loss_mask = np.zeros_like(ids)
+            loss_mask[:, args.prompt :] = 1
+            batch.update(
+                {
+                    f"{side}_input_ids": ids,
+                    f"{side}_attention_mask": np.ones_like(ids),
+                    f"{side}_loss_mask": loss_mask,
+                }
+            )
+        return batch
+
+    batches = [batch_at(i) for i in range(args.warmup + args.steps)]
+    # Precompute: one reference pass over every batch before training (timed apart).
+    reference_seconds = 0.0
+    if not on_the_fly:
+        for i, batch in enumerate(batches):
+            started = time.perf_counter()
+            out = jax.block_until_ready(reference_step(params, batch))
+            if i >= args.warmup:
+                reference_seconds += time.perf_counter() - started
+            batch.update({k: np.asarray(v) for k, v in out.items()})
+    reference_columns = {name: np.zeros(args.batch) for name in objectives.reference_columns("dpo")}
+    train_step = steps.make_train_step(
+        graphdef,
+        objective,
+        optimizer,
+        state_shardings=shardings,
+        batch_shardings=steps.batch_shardings(mesh, {**batches[0], **reference_columns}),
+        mesh=mesh,
+    )
+    times = []
+    for i, batch in enumerate(batches):
+        started = time.perf_counter()
+        if on_the_fly:
+            batch = {**batch, **reference_step(reference_params, batch)}
+        state, metrics = train_step(state, batch, coeffs)
+        jax.block_until_ready(metrics["loss"])
+        if i >= args.warmup:
+            times.append(time.perf_counter() - started)
+    return {"step_seconds": times, "reference_seconds": reference_seconds}
+
+
+def trl(args, model_path: str) -> dict:
+    """TRL's DPOTrainer.train(), timing each optimiser step with a callback."""
+    import datasets
+    import torch
+    import transformers
+    from trl import DPOConfig, DPOTrainer
+
+    torch.manual_seed(0)
+    model = transformers.LlamaForCausalLM.from_pretrained(model_path, dtype=torch.float32)
+    total = args.warmup + args.steps
+    pairs = make_pairs(args.batch * total, args.prompt, args.completion)
+    times: list[float] = []
+
+    class Timer(transformers.TrainerCallback):
+        def on_step_begin(self, *a, **k):
+            self.started = time.perf_counter()
+
+        def on_step_end(self, *a, **k):
+            times.append(time.perf_counter() - self.started)
+
+    with tempfile.TemporaryDirectory() as out:
+        config = DPOConfig(
+            output_dir=out,
+            per_device_train_batch_size=args.batch,
+            max_length=args.prompt + args.completion,
+            max_steps=total,
+            learning_rate=1e-6,
+            beta=0.1,
+            logging_steps=10_000,
+            save_strategy="no",
+            report_to=[],
+            use_cpu=True,
+            dataloader_num_workers=0,
+        )
+        trainer = DPOTrainer(
+            model=model,
+            args=config,
+            train_dataset=datasets.Dataset.from_list(pairs),
+            processing_class=make_tokenizer(),
+            callbacks=[Timer()],
+        )
+        trainer.train()
+    return {"step_seconds": times[args.warmup :], "reference_seconds": 0.0}
+
+
+def run_one(args) -> None:
+    if args.framework == "trl":
+        result = trl(args, args.model)
+    else:
+        result = ours(args, args.model, on_the_fly=args.framework == "ours-on-the-fly")
+    result["peak_rss_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    print("RESULT " + json.dumps(result))
+
+
+def summarise(name: str, result: dict, tokens_per_step: int) -> dict:
+    steps = result["step_seconds"]
+    step = sorted(steps)[len(steps) // 2]  # median
+    row = {"name": name, "step_s": step, "tokens_per_s": tokens_per_step / step}
+    if result["reference_seconds"]:
+        amortised = step + result["reference_seconds"] / len(steps)
+        row["amortised_tokens_per_s"] = tokens_per_step / amortised
+    row["peak_rss_mib"] = result["peak_rss_mib"]
+    return row
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--steps", type=int, default=6)
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--batch", type=int, default=8, help="pairs per step")
+    parser.add_argument("--prompt", type=int, default=128)
+    parser.add_argument("--completion", type=int, default=128)
+    parser.add_argument("--framework", help=argparse.SUPPRESS)
+    parser.add_argument("--model", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.framework:
+        run_one(args)
+        return
+    tokens_per_step = 2 * args.batch * (args.prompt + args.completion)
+    rows = []
+    with tempfile.TemporaryDirectory() as model_dir:
+        save_model(model_dir)
+        for name in ("trl", "ours", "ours-on-the-fly"):
+            command = [sys.executable, __file__, "--framework", name, "--model", model_dir]
+            command += [f"--{k}={getattr(args, k)}" for k in ("steps", "warmup", "batch")]
+            command += [f"--prompt={args.prompt}", f"--completion={args.completion}"]
+            env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+            output = subprocess.run(command, capture_output=True, text=True, env=env)
+            lines = [x for x in output.stdout.splitlines() if x.startswith("RESULT ")]
+            if output.returncode or not lines:
+                raise SystemExit(f"{name} failed:\n{output.stderr[-3000:]}")
+            rows.append(summarise(name, json.loads(lines[-1][7:]), tokens_per_step))
+    print(
+        f"tokens per step: {tokens_per_step} (batch {args.batch} pairs, length "
+        f"{args.prompt}+{args.completion}); median of {args.steps} steps after {args.warmup}"
+    )
+    print("| run | step (s) | tokens/s | tokens/s incl. reference pass | peak RSS (MiB) |")
+    print("|---|---|---|---|---|")
+    for r in rows:
+        amortised = f"{r['amortised_tokens_per_s']:.0f}" if "amortised_tokens_per_s" in r else "-"
+        print(
+            f"| {r['name']} | {r['step_s']:.3f} | {r['tokens_per_s']:.0f} | {amortised} "
+            f"| {r['peak_rss_mib']:.0f} |"
+        )
+    trl_rate = rows[0]["tokens_per_s"]
+    for r in rows[1:]:
+        rate = r.get("amortised_tokens_per_s", r["tokens_per_s"])
+        print(f"{r['name']} / TRL (amortised where precomputed): {rate / trl_rate:.2f}x")
+
+
+if __name__ == "__main__":
+    main()
