@@ -41,7 +41,10 @@ SFT_DATA = {
 }
 
 
-def chain_config(sft_steps: int = 40, dpo_steps: int = 120) -> dict:
+SFT_STEPS, DPO_STEPS = 40, 60
+
+
+def chain_config() -> dict:
     """SFT -> DPO on a hidden-32, one-layer model; a checkpoint every 4 / 5 steps."""
     return {
         "name": "cli",
@@ -66,7 +69,7 @@ def chain_config(sft_steps: int = 40, dpo_steps: int = 120) -> dict:
                 "kind": "sft",
                 "data": SFT_DATA,
                 "train": {
-                    "max_steps": sft_steps,
+                    "max_steps": SFT_STEPS,
                     "batch_size": 8,
                     "learning_rate": 3e-3,
                     "log_every": 1,
@@ -79,7 +82,7 @@ def chain_config(sft_steps: int = 40, dpo_steps: int = 120) -> dict:
                 "beta": 0.1,
                 "data": PAIR_DATA,
                 "train": {
-                    "max_steps": dpo_steps,
+                    "max_steps": DPO_STEPS,
                     "batch_size": 8,
                     "learning_rate": 1e-3,
                     "log_every": 1,
@@ -166,7 +169,7 @@ def test_sigterm_and_kill_9_resume_to_bit_identical_models(cli_env, tmp_path):
     process.send_signal(signal.SIGTERM)
     assert finish(process) == 0, log.read_text()
     stopped = int(re.findall(r"\[sft\] preempted at step (\d+)", log.read_text())[-1])
-    assert 6 <= stopped < 40
+    assert 6 <= stopped < SFT_STEPS
     assert complete_checkpoints(sft_dir)[-1] == stopped
     assert not (sft_dir / "checkpoints" / "FINISHED.json").exists()
     logged_before = len(logged_steps(sft_dir))
@@ -178,7 +181,7 @@ def test_sigterm_and_kill_9_resume_to_bit_identical_models(cli_env, tmp_path):
     assert finish(process) == -signal.SIGKILL
     assert not (dpo_dir / "checkpoints" / "FINISHED.json").exists()
     last_complete = complete_checkpoints(dpo_dir)[-1]
-    assert 10 <= last_complete < 120
+    assert 10 <= last_complete < DPO_STEPS
     # The restarted SFT stage continued right after the preempted step.
     assert logged_steps(sft_dir)[logged_before] == stopped + 1
     dpo_logged_before = len(logged_steps(dpo_dir))
@@ -187,7 +190,7 @@ def test_sigterm_and_kill_9_resume_to_bit_identical_models(cli_env, tmp_path):
     # complete checkpoint, and both final models match the uninterrupted run's bytes.
     assert finish(launch(cli_env, config, resumed_dir, log)) == 0, log.read_text()
     assert logged_steps(dpo_dir)[dpo_logged_before] == last_complete + 1
-    assert logged_steps(dpo_dir)[-1] == 120
+    assert logged_steps(dpo_dir)[-1] == DPO_STEPS
     for stage in ("sft", "dpo"):
         assert model_bytes(resumed_dir, stage) == model_bytes(reference_dir, stage)
 
