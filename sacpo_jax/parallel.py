@@ -153,7 +153,8 @@ def place_from_host(
     """
 
     def callback(index: tuple[slice, ...]) -> np.ndarray:
-        return np.asarray(read(index), dtype=dtype)
+        # A private copy: the block must not alias a memory-mapped file.
+        return np.array(read(index), dtype=dtype, copy=True)
 
     return jax.make_array_from_callback(shape, sharding, callback)
 
