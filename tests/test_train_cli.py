@@ -15,6 +15,7 @@ import sys
 import time
 from pathlib import Path
 
+import jax
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
@@ -221,16 +222,8 @@ def test_nan_loss_stops_with_exit_code_1_and_leaves_a_finite_checkpoint(cli_env,
     restored = ocp.StandardCheckpointer().restore(
         stage_dir / "checkpoints" / str(last_good) / "state"
     )
-    leaves = [np.asarray(leaf) for leaf in _leaves(restored["params"])]
+    leaves = [np.asarray(leaf) for leaf in jax.tree.leaves(restored["params"])]
     assert leaves and all(np.isfinite(leaf).all() for leaf in leaves)
-
-
-def _leaves(tree):
-    if isinstance(tree, dict):
-        for value in tree.values():
-            yield from _leaves(value)
-    else:
-        yield tree
 
 
 # ----------------------------------------------------------------------------- config errors
