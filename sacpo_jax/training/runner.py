@@ -47,6 +47,7 @@ from sacpo_jax.training.state import (
 )
 
 MODEL_DIR = "model"
+CHECKPOINTS_DIR = "checkpoints"  # also where StageCheckpointer.mark_finished writes FINISHED.json
 
 
 class TrainingError(RuntimeError):
@@ -269,7 +270,7 @@ def run_stage(stage, start: Llama, reference: Llama | None, ctx: StageContext) -
 
     A finished stage (FINISHED.json present) is loaded from its export instead.
     """
-    if checkpoint.is_finished(ctx.stage_dir):
+    if checkpoint.is_finished(os.path.join(ctx.stage_dir, CHECKPOINTS_DIR)):
         return load_finished(ctx, start)
     if stage.kind in ("reward", "cost") and not start.config.score_model:
         start = to_score_model(start, ctx.seed)
@@ -311,7 +312,7 @@ class StageLoop:
             ref_graphdef, self.reference_params = split_model(reference)
             self.reference_step = steps.make_reference_step(ref_graphdef, stage.kind)
         self.checkpointer = checkpoint.StageCheckpointer(
-            os.path.join(ctx.stage_dir, "checkpoints"),
+            os.path.join(ctx.stage_dir, CHECKPOINTS_DIR),
             save_every=self.train.save_every,
             keep=self.train.keep_checkpoints,
         )
