@@ -2,11 +2,14 @@
 
     python benchmarks/bench_dpo_step.py [--layers 4 --hidden 256 --batch 16 --length 128]
 
-Each mode runs in its own process (so ``ru_maxrss``, the peak resident memory, is that
-mode's): ``precompute`` steps on batches that already carry the reference log-probs
-(the reference pass is timed once, per pair); ``on_the_fly`` keeps a frozen copy of the
-model and runs its forward before every step, as the SACPO paper did. Tokens/s counts
-the chosen and the rejected sequence of every pair (all tokens real, no padding).
+Each mode runs in its own process: ``precompute`` steps on batches that already carry
+the reference log-probs (the one-time reference pass is timed per batch);
+``on_the_fly`` keeps a frozen copy of the model and runs its forward before every
+step, as the SACPO paper did. Step time is the median (and the minimum, robust to other
+load on the machine) over the timed steps; tokens/s counts the chosen and the rejected
+sequence of every pair (all tokens real, no padding). Memory: the resident high-water
+mark while training (VmHWM, reset after warm-up, Linux) and over the whole process
+(ru_maxrss, which includes the reference pass and compilation).
 Random token ids; a LLaMA with the given width and depth, vocabulary ``--vocab``.
 Prints one markdown table row per mode.
 """
@@ -18,6 +21,7 @@ import json
 import os
 import platform
 import resource
+import statistics
 import subprocess
 import sys
 import time
@@ -91,7 +95,7 @@ def measure(args) -> dict:
         # The reference is the start model: one pass, then only the policy stays.
         jax.block_until_ready(reference_step(params, batches[0]))  # compile
         start = time.perf_counter()
-        outs = jax.block_until_ready([reference_step(params, batch) for batch in batches])
+        outs = [jax.block_until_ready(reference_step(params, batch)) for batch in batches]
         reference_seconds = (time.perf_counter() - start) / len(batches)
         batches = [{**batch, **out} for batch, out in zip(batches, outs)]
         example = batches[0]
@@ -119,22 +123,39 @@ def measure(args) -> dict:
         return train_step(state, batch, coeffs)
 
     for batch in batches[:2]:  # compile and warm up
-        state, metrics = one_step(state, batch)
-    jax.block_until_ready(metrics)
-    start = time.perf_counter()
+        state, metrics = jax.block_until_ready(one_step(state, batch))
+    reset_peak_rss()
+    times = []
     for batch in batches[2:]:
-        state, metrics = one_step(state, batch)
-    jax.block_until_ready(metrics)
-    seconds = (time.perf_counter() - start) / args.steps
-    tokens = 2 * args.batch * args.length
+        start = time.perf_counter()
+        state, metrics = jax.block_until_ready(one_step(state, batch))
+        times.append(time.perf_counter() - start)
+    seconds = statistics.median(times)
     return {
         "mode": args.mode,
         "step_seconds": seconds,
-        "tokens_per_second": tokens / seconds,
-        "reference_pass_seconds_per_step_batch": reference_seconds,
-        "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "min_step_seconds": min(times),
+        "tokens_per_second": 2 * args.batch * args.length / seconds,
+        "reference_pass_seconds_per_batch": reference_seconds,
+        "training_peak_rss_mib": peak_rss_mib(),
+        "process_peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
         "parameters": sum(x.size for x in jax.tree.leaves(state.params)),
     }
+
+
+def reset_peak_rss() -> None:
+    """Reset the kernel's resident-memory high-water mark (Linux: clear_refs 5)."""
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+
+
+def peak_rss_mib() -> float:
+    """VmHWM: the resident-memory high-water mark since the last reset."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    raise RuntimeError("VmHWM not found in /proc/self/status")
 
 
 def main(argv=None) -> None:
@@ -152,14 +173,18 @@ def main(argv=None) -> None:
         f"{results[0]['parameters'] / 1e6:.1f}M parameters, {args.batch} pairs x {args.length} "
         f"tokens, float32, {os.cpu_count()} CPU cores ({platform.machine()})"
     )
-    print("\n| reference | step (s) | tokens/s | peak RSS (MiB) |")
-    print("|---|---|---|---|")
+    print(
+        "\n| reference | step (s, median) | step (s, min) | tokens/s (median) "
+        "| peak RSS while training (MiB) | process peak RSS (MiB) |"
+    )
+    print("|---|---|---|---|---|---|")
     for r in results:
         print(
-            f"| {r['mode']} | {r['step_seconds']:.3f} | {r['tokens_per_second']:.0f} "
-            f"| {r['peak_rss_mib']:.0f} |"
+            f"| {r['mode']} | {r['step_seconds']:.3f} | {r['min_step_seconds']:.3f} "
+            f"| {r['tokens_per_second']:.0f} | {r['training_peak_rss_mib']:.0f} "
+            f"| {r['process_peak_rss_mib']:.0f} |"
         )
-    reference = results[0]["reference_pass_seconds_per_step_batch"]
+    reference = results[0]["reference_pass_seconds_per_batch"]
     print(
         f"\nprecompute: one-time reference pass {reference:.3f} s per batch of {args.batch} pairs"
     )

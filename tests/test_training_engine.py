@@ -337,7 +337,7 @@ def bundled_chain(tmp_path_factory):
 def test_sft_lowers_held_out_nll(bundled_chain):
     initial, trained = bundled_chain["initial_nll"], bundled_chain["results"]["sft"]["nll"]
     # A near-uniform random model: NLL ~ log(vocabulary size) nats per token.
-    assert abs(initial - math.log(len(TOKENIZER))) < 0.1
+    assert abs(initial - math.log(len(TOKENIZER))) < 0.25
     # The trained model has learned the template-conditioned response styles: its
     # per-token perplexity on held-out prompts is > 7x lower (2 nats).
     assert trained < initial - 2.0
