@@ -59,6 +59,7 @@ from sacpo_jax.training import objectives
 from sacpo_jax.training import step as steps
 from sacpo_jax.training.metrics_log import MetricsLogger
 from sacpo_jax.training.runner import (
+    CHECKPOINTS_DIR,
     MODEL_DIR,
     StageContext,
     TrainingError,
@@ -86,7 +87,6 @@ __all__ = [
 
 HISTORY_FILE = "caid_history.json"
 ITERATES_DIR = "iterates"
-CHECKPOINTS_DIR = "checkpoints"
 
 
 # ----------------------------------------------------------------------------- dual math
