@@ -146,10 +146,10 @@ def total_variation(p, q):
 def test_realigned_policy_matches_closed_form():
     tokenizer = oracle_tokenizer()
     mesh = parallel.make_mesh(devices=jax.devices()[:1])
-    config = tiny_config(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128)
+    config = tiny_config(vocab_size=len(tokenizer), hidden_size=48, intermediate_size=96)
     initial = init_model(config, mesh, seed=0, init_std=0.05)
     prompts = [p["prompt"] for p in oracle_task.load_split("eval_prompts")]
-    harmful = [p for p in prompts if oracle_task.prompt_topic(p).harmful][:2]
+    harmful = [p for p in prompts if oracle_task.prompt_topic(p).harmful][:1]
     benign = [p for p in prompts if not oracle_task.prompt_topic(p).harmful][:1]
     table = candidate_table(harmful + benign)
     reference = sft_stage(initial, tokenizer, table)
