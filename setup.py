@@ -1,12 +1,14 @@
 """sacpo_jax: constrained alignment of LLaMA-family models (SACPO, P-SACPO, CAID) in JAX."""
 
+from pathlib import Path
+
 from setuptools import find_packages, setup
 
 setup(
     name="sacpo_jax",
     version="0.1.0",
-    description="Stepwise and dual constrained alignment (SACPO, P-SACPO, CAID) for LLMs in JAX/Flax",
-    long_description=open("README.md", encoding="utf-8").read(),
+    description="Stepwise and dual constrained alignment (SACPO, P-SACPO, CAID) in JAX/Flax",
+    long_description=Path(__file__).with_name("README.md").read_text(encoding="utf-8"),
     long_description_content_type="text/markdown",
     packages=find_packages(include=["sacpo_jax", "sacpo_jax.*"]),
     package_data={"sacpo_jax": ["assets/*", "assets/**/*"]},
