@@ -67,14 +67,23 @@ def packed_batches(
 
 
 @functools.partial(jax.jit, static_argnums=0)
-def _logps(graphdef, params, ids, mask, loss_mask):
+def _per_row(graphdef, params, ids, mask, loss_mask):
+    """A score model's scores, or a causal LM's summed completion log-probs, per row."""
     model = nnx.merge(graphdef, params)
+    if model.config.score_model:
+        return model(ids, mask)
     return sequence_logps(model(ids, mask), ids, loss_mask)[0]
 
 
-@functools.partial(jax.jit, static_argnums=0)
-def _scores(graphdef, params, ids, mask):
-    return nnx.merge(graphdef, params)(ids, mask)
+def _map_rows(model: Llama, tokenizer: Any, prompts, responses, template, max_length) -> np.ndarray:
+    graphdef, params = nnx.split(model)
+    out = [
+        np.asarray(_per_row(graphdef, params, ids, mask, loss_mask))[:n]
+        for ids, mask, loss_mask, n in packed_batches(
+            tokenizer, prompts, responses, template=template, max_length=max_length
+        )
+    ]
+    return np.concatenate(out) if out else np.zeros((0,), np.float32)
 
 
 def sequence_logprobs(
@@ -87,14 +96,9 @@ def sequence_logprobs(
     max_length: int | None = None,
 ) -> np.ndarray:
     """log pi(response | template(prompt)), summed over the response tokens and EOS."""
-    graphdef, params = nnx.split(model)
-    out = [
-        np.asarray(_logps(graphdef, params, ids, mask, loss_mask))[:n]
-        for ids, mask, loss_mask, n in packed_batches(
-            tokenizer, prompts, responses, template=template, max_length=max_length
-        )
-    ]
-    return np.concatenate(out) if out else np.zeros((0,), np.float32)
+    if model.config.score_model:
+        raise ValueError("sequence_logprobs needs a causal LM, got a score model")
+    return _map_rows(model, tokenizer, prompts, responses, template, max_length)
 
 
 def score_responses(
@@ -109,11 +113,4 @@ def score_responses(
     """Reward or cost of each response: the score head at the last real token (EOS)."""
     if not score_model.config.score_model:
         raise ValueError("score_responses needs a score model (reward or cost), got a causal LM")
-    graphdef, params = nnx.split(score_model)
-    out = [
-        np.asarray(_scores(graphdef, params, ids, mask))[:n]
-        for ids, mask, _, n in packed_batches(
-            tokenizer, prompts, responses, template=template, max_length=max_length
-        )
-    ]
-    return np.concatenate(out) if out else np.zeros((0,), np.float32)
+    return _map_rows(score_model, tokenizer, prompts, responses, template, max_length)
