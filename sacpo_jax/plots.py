@@ -165,7 +165,8 @@ def plot_dual_trajectories(history: Sequence[Mapping], path: str | Path) -> Figu
     history: one dict per iteration with ``lambda`` (float or list, one per constraint)
     and optionally ``u`` (estimated E_pi[h], same length; < 0 means violated), ``reward``
     and ``iteration`` (defaults to the position). Vector values draw one line per
-    constraint; the ``u`` panel marks zero, the constraint boundary.
+    constraint; the ``u`` panel marks zero, the constraint boundary, and draws
+    +-2 standard errors (``u_se``) as error bars when every iteration has them.
     """
     if not history:
         raise PlotInputError("dual history: no iterations given")
@@ -177,9 +178,21 @@ def plot_dual_trajectories(history: Sequence[Mapping], path: str | Path) -> Figu
     figure, all_axes = _new_figure(rows=len(panels), row_height=2.6)
     for axes, (key, label) in zip(all_axes, panels, strict=True):
         matrix = _component_matrix(history, key)
+        errors = None
+        if key == "u" and all("u_se" in e for e in history):
+            errors = 2.0 * _component_matrix(history, "u_se")
         for component in range(matrix.shape[1]):
             name = f"{key}[{component}]" if matrix.shape[1] > 1 else key
-            axes.plot(iterations, matrix[:, component], marker="o", label=name)
+            (line,) = axes.plot(iterations, matrix[:, component], marker="o", label=name)
+            if errors is not None:
+                axes.errorbar(
+                    iterations,
+                    matrix[:, component],
+                    yerr=errors[:, component],
+                    fmt="none",
+                    ecolor=line.get_color(),
+                    capsize=3,
+                )
         if key == "u":
             axes.axhline(0.0, color="gray", linestyle="--", linewidth=1)
         if matrix.shape[1] > 1:

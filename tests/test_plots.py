@@ -113,6 +113,17 @@ def test_dual_trajectories_with_vector_lambda(tmp_path):
     np.testing.assert_allclose(reward_axes.lines[0].get_xdata(), [0, 1, 2])
 
 
+def test_dual_trajectories_draw_two_standard_errors_on_u(tmp_path):
+    history = [
+        {"lambda": 1.0, "u": -0.3, "u_se": 0.05},
+        {"lambda": 1.6, "u": 0.1, "u_se": 0.25},
+    ]
+    u_axes = plot_dual_trajectories(history, tmp_path / "d.png").axes[1]
+    (bars,) = u_axes.collections  # one vertical segment per iteration: u -+ 2 se
+    segments = [np.asarray(s)[:, 1] for s in bars.get_segments()]
+    np.testing.assert_allclose(segments, [[-0.4, -0.2], [-0.4, 0.6]])
+
+
 def test_dual_trajectories_scalar_lambda_only(tmp_path):
     figure = plot_dual_trajectories([{"lambda": 1.0}, {"lambda": 2.5}], tmp_path / "d.png")
     (axes,) = figure.axes
