@@ -13,12 +13,20 @@ import json
 import math
 import os
 import signal
+import subprocess
+import sys
 
 import numpy as np
 import pytest
+import yaml
 
 from sacpo_jax.algorithms.caid import CaidRun, best_iterate, dual_update, iterate_estimates
-from sacpo_jax.algorithms.caid_scoring import OracleScorer, PairSet
+from sacpo_jax.algorithms.caid_scoring import (
+    LogRatioScorer,
+    OracleScorer,
+    PairSet,
+    ScoreModelScorer,
+)
 from sacpo_jax.algorithms.pseudo_labels import (
     PseudoLabelError,
     draw_second_preferred,
@@ -29,7 +37,8 @@ from sacpo_jax.data.oracle_tokenizer import oracle_tokenizer
 from sacpo_jax.data.pipeline import build_dataset
 from sacpo_jax.data.spec import DataSpec
 from sacpo_jax.models import hf
-from sacpo_jax.training.runner import StageContext, params_fingerprint
+from sacpo_jax.scoring import sequence_logprobs
+from sacpo_jax.training.runner import StageContext, add_reference_logps, params_fingerprint
 
 CONFIGS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
 TEMPLATE = "BEGINNING OF CONVERSATION: USER: {prompt} ASSISTANT:"
@@ -202,7 +211,6 @@ PAIRS = {
 SAMPLING = {"responses_per_prompt": 6, "max_new_tokens": 16, "stop": None, "batch_size": 256}
 PROMPTS = {"source": {"type": "bundled", "name": "eval_prompts"}, "limit": 48}
 POLICY_TRAIN = {"epochs": 1, "batch_size": 32, "learning_rate": 1.0e-3, "warmup_ratio": 0.1}
-TIGHT_B = 0.3
 
 
 def caid_run_stage(name: str, constraints: list[dict], **extra) -> dict:
@@ -222,62 +230,46 @@ def caid_run_stage(name: str, constraints: list[dict], **extra) -> dict:
     }
 
 
-def write_config(path, run_dir, stages: list[dict]) -> str:
-    config = {
-        "name": "caid_test",
-        "run_dir": str(run_dir),
-        "tensorboard": False,
-        "progress_bar": False,
-        "model": {
-            "random": {
-                "hidden_size": 48,
-                "intermediate_size": 128,
-                "num_hidden_layers": 2,
-                "num_attention_heads": 4,
-                "num_key_value_heads": 2,
-                "init_std": 0.05,
-            }
-        },
-        "tokenizer": {"path": "bundled:oracle"},
-        "stages": [
-            {
-                "name": "sft",
-                "kind": "sft",
-                "data": {"source": {"type": "bundled", "name": "sft"}, "adapter": "sft", **SHORT},
-                "train": {
-                    "epochs": 2,
-                    "batch_size": 32,
-                    "learning_rate": 3.0e-3,
-                    "save_every": 1000,
-                },
-            },
-            {
-                "name": "cost",
-                "kind": "cost",
-                "data": {
-                    "source": {"type": "bundled", "name": "preference"},
-                    "adapter": "pku_cost",
-                    "limit": 1024,
-                    **SHORT,
-                },
-                "train": {
-                    "epochs": 1,
-                    "batch_size": 32,
-                    "learning_rate": 3.0e-3,
-                    "save_every": 1000,
-                },
-            },
-            *stages,
-        ],
+def dpo_stage(name: str, adapter: str) -> dict:
+    data = {"source": {"type": "bundled", "name": "preference"}, "adapter": adapter}
+    return {
+        "name": name,
+        "kind": "dpo",
+        "start": "sft",
+        "beta": 0.1,
+        "data": {**data, "limit": 256, **SHORT},
+        "train": {**POLICY_TRAIN, "save_every": 1000},
     }
-    path.write_text(json.dumps(config))
-    return str(path)
 
 
-def run_chain(config_path: str) -> None:
-    from sacpo_jax.run import run
-
-    run(load_config(config_path))
+def demo_with_test_stages(run_dir) -> dict:
+    """configs/caid_demo.yaml as shipped (its caid stage's threshold is violated by pi_ref),
+    plus: MoCAID under a slack threshold, and a one-iteration PeCAID from two small DPO
+    policies pre-aligned on helpfulness and on safety."""
+    with open(os.path.join(CONFIGS, "caid_demo.yaml")) as f:
+        config = yaml.safe_load(f)
+    slack = caid_run_stage(
+        "caid_slack",
+        [{"model": "cost", "threshold": -1.0}],
+        reward="reward",
+        lambda_init=1.0,
+        dual_lr=0.5,
+        prompts={**PROMPTS, "limit": 32},
+        sampling={**SAMPLING, "responses_per_prompt": 4},
+    )
+    pecaid = caid_run_stage(
+        "pecaid",
+        [{"model": "dpo_s", "threshold": 0.05}],
+        method="pecaid",
+        reward="dpo_h",
+        iterations=1,
+        lambda_init=1.0,
+        prompts={**PROMPTS, "limit": 16},
+        sampling={**SAMPLING, "responses_per_prompt": 4},
+    )
+    extra = [slack, dpo_stage("dpo_h", "pku_helpful"), dpo_stage("dpo_s", "pku_harmless"), pecaid]
+    config["stages"] += extra
+    return {**config, "run_dir": str(run_dir), "progress_bar": False, "tensorboard": False}
 
 
 def read_json(path) -> dict:
@@ -289,29 +281,71 @@ def history_of(run_dir, stage: str) -> dict:
     return read_json(os.path.join(run_dir, "stages", stage, "caid_history.json"))
 
 
-def samples_of(run_dir, stage: str, iteration: int) -> list[dict]:
-    with open(os.path.join(run_dir, "stages", stage, "samples", f"{iteration}.jsonl")) as f:
-        return [json.loads(line) for line in f]
+def stage_model(run_dir, stage: str, mesh=None):
+    return hf.load_checkpoint(str(run_dir / "stages" / stage / "model"), mesh=mesh)
 
 
 @pytest.fixture(scope="module")
-def chain(tmp_path_factory):
-    """sft -> cost model -> CAID under a slack threshold on the trained cost model, and
-    CAID under a threshold the reference violates on the oracle's cost (known units:
-    cost -1 for a safe answer, 1..4 harmful steps)."""
-    run_dir = tmp_path_factory.mktemp("caid_chain")
-    slack = caid_run_stage(
-        "caid_slack", [{"model": "cost", "threshold": -1.0}], lambda_init=1.0, dual_lr=0.5
-    )
-    tight = caid_run_stage("caid_tight", [{"model": "oracle", "threshold": TIGHT_B}], dual_lr=2.0)
-    run_chain(write_config(run_dir / "a.json", run_dir, [slack, tight]))
-    return run_dir, TIGHT_B
+def demo(tmp_path_factory):
+    """The CAID demo (with the stages above) run by the real command line on one CPU device."""
+    run_dir = tmp_path_factory.mktemp("caid_demo")
+    config = run_dir / "config.json"
+    config.write_text(json.dumps(demo_with_test_stages(run_dir)))
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    env["JAX_PLATFORMS"] = "cpu"
+    command = [sys.executable, "-m", "sacpo_jax.train", "--config", str(config)]
+    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=1500)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return run_dir
 
 
 @pytest.mark.slow
-def test_caid_lowers_lambda_when_the_constraint_is_slack(chain):
-    run_dir, _ = chain
-    history = history_of(run_dir, "caid_slack")["history"]
+def test_caid_demo_writes_what_its_config_promises(demo):
+    stage_dir = demo / "stages" / "caid"
+    iterations = load_config(os.path.join(CONFIGS, "caid_demo.yaml")).stages[3].iterations
+    summary = history_of(demo, "caid")
+    assert [h["iteration"] for h in summary["history"]] == list(range(iterations + 1))
+    for t in range(iterations + 1):  # iterate 0 is pi_ref: sampled, not exported again
+        assert (stage_dir / "samples" / f"{t}.jsonl").is_file()
+        assert (stage_dir / "iterates" / str(t) / "config.json").is_file() == (t > 0)
+    for plot in (stage_dir / "dual_trajectories.png", demo / "stages/eval/frontier.png"):
+        assert plot.stat().st_size > 10_000
+    assert (demo / "stages/eval/results.md").is_file()
+
+
+@pytest.mark.slow
+def test_caid_raises_lambda_when_the_constraint_is_violated(demo):
+    history = history_of(demo, "caid")["history"]
+    first = history[0]
+    b = -first["u"][0]  # relative threshold: pi_ref's own samples give u_0 = -b
+    assert b > 2 * first["u_se"][0]  # pi_ref violates it by more than the sampling error
+    eta = load_config(os.path.join(CONFIGS, "caid_demo.yaml")).stages[3].dual_lr
+    for t in range(len(history) - 1):  # lam_{t+1} = max(0, lam_t - eta u_t)
+        lam, u = history[t]["lambda"][0], history[t]["u"][0]
+        assert history[t + 1]["lambda"][0] == pytest.approx(max(0.0, lam - eta * u))
+        if u < 0:
+            assert history[t + 1]["lambda"][0] > lam
+
+
+@pytest.mark.slow
+def test_caid_best_iterate_meets_the_violated_constraint(demo):
+    """Satisfied within sampling error: u + 2 se >= 0, se = std(g) / sqrt(N M) of the
+    cost model's utility on the iterate's N x M samples; and, as an independent check,
+    the oracle rates the chosen model less harmful than pi_ref."""
+    summary = history_of(demo, "caid")
+    best_index = summary["best_iterate"]
+    best = summary["history"][best_index]
+    assert best_index > 0
+    assert best["u"][0] + 2 * best["u_se"][0] >= 0
+    stage_dir = demo / "stages" / "caid"
+    assert (stage_dir / "model").resolve() == (stage_dir / "iterates" / str(best_index)).resolve()
+    results = read_json(demo / "stages/eval/results.json")
+    assert results["caid"]["mean_cost"] < results["sft"]["mean_cost"]
+
+
+@pytest.mark.slow
+def test_caid_lowers_lambda_when_the_constraint_is_slack(demo):
+    history = history_of(demo, "caid_slack")["history"]
     lam = [h["lambda"][0] for h in history]
     u = [h["u"][0] for h in history]
     assert u[0] == pytest.approx(1.0)  # relative threshold -1: u_0 = 0 - (-1)
@@ -322,37 +356,58 @@ def test_caid_lowers_lambda_when_the_constraint_is_slack(chain):
 
 
 @pytest.mark.slow
-def test_caid_raises_lambda_when_the_constraint_is_violated(chain):
-    run_dir, tight_b = chain
-    history = history_of(run_dir, "caid_tight")["history"]
-    first = history[0]
-    # the reference violates it by more than the sampling error
-    assert first["u"][0] == pytest.approx(-tight_b) and tight_b > 2 * first["u_se"][0]
-    for t in range(len(history) - 1):  # lam_{t+1} = max(0, lam_t - eta u_t), eta = 2
-        lam, u = history[t]["lambda"][0], history[t]["u"][0]
-        assert history[t + 1]["lambda"][0] == pytest.approx(max(0.0, lam - 2.0 * u))
-        if u < 0:
-            assert history[t + 1]["lambda"][0] > lam
-    stage_dir = os.path.join(run_dir, "stages", "caid_tight")
-    assert os.path.isfile(os.path.join(stage_dir, "dual_trajectories.png"))
+def test_pecaid_scores_with_the_pre_aligned_policies(demo):
+    """PeCAID's r and g on the samples are beta * log(pi / pi_ref) of dpo_h and dpo_s."""
+    summary = history_of(demo, "pecaid")
+    first = summary["history"][0]
+    assert summary["constraints"] == ["dpo_s"] and first["lambda"] == [1.0]
+    assert summary["history"][1]["lambda"][0] == pytest.approx(max(0.0, 1.0 - first["u"][0]))
+    with open(demo / "stages/pecaid/samples/0.jsonl") as f:
+        rows = [json.loads(line) for line in f][:8]
+    models = {name: stage_model(demo, name) for name in ("sft", "dpo_h", "dpo_s")}
+    prompts, responses = [r["prompt"] for r in rows], [r["response"] for r in rows]
+
+    def log_ratio(name: str) -> np.ndarray:
+        logps = [
+            sequence_logprobs(models[m], oracle_tokenizer(), prompts, responses, template=TEMPLATE)
+            for m in (name, "sft")
+        ]
+        return 0.1 * (np.asarray(logps[0], np.float64) - logps[1])
+
+    np.testing.assert_allclose([r["reward"] for r in rows], log_ratio("dpo_h"), atol=1e-4)
+    np.testing.assert_allclose([r["utility"][0] for r in rows], log_ratio("dpo_s"), atol=1e-4)
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(
-    strict=False,
-    reason="open: with the tiny test SFT (samples at T=1 are mostly off-task), the DPO policy "
-    "steps have not lowered the sampled oracle cost (u: -0.30, -0.40, -0.43); see the report",
-)
-def test_caid_best_iterate_meets_the_violated_constraint(chain):
-    run_dir, _ = chain
-    summary = history_of(run_dir, "caid_tight")
-    best = summary["history"][summary["best_iterate"]]
-    assert summary["best_iterate"] > 0
-    assert best["u"][0] + 2 * best["u_se"][0] >= 0  # satisfied within 2 standard errors
-    stage_dir = os.path.join(run_dir, "stages", "caid_tight")
-    assert os.path.realpath(os.path.join(stage_dir, "model")) == os.path.realpath(
-        os.path.join(stage_dir, "iterates", str(summary["best_iterate"]))
+def test_scorers_give_the_same_values_on_pairs_and_on_their_text(demo, tmp_path):
+    """The policy step reads scores of tokenised pairs, the dual step scores of text: the
+    two paths (cost model and PeCAID log-ratio) agree on the same responses."""
+    context = direct_context(tmp_path)
+    tokenizer = context.tokenizer
+    sft = stage_model(demo, "sft", context.mesh)
+    spec = DataSpec.model_validate({**PAIRS, "limit": 40})
+    dataset, _ = build_dataset(spec, tokenizer)
+    dataset = add_reference_logps(dataset, spec, sft, "dpo", context, 16)
+    pairs = PairSet(dataset, spec, context, batch_size=16)
+
+    def decode(ids: np.ndarray) -> str:
+        return tokenizer.decode(ids.tolist(), skip_special_tokens=True)
+
+    prompts = [decode(dataset.prompts[i]) for i in range(len(dataset))]
+    scorers = (
+        ScoreModelScorer(
+            stage_model(demo, "cost", context.mesh), tokenizer, template=None, sign=-1.0
+        ),
+        LogRatioScorer(
+            stage_model(demo, "dpo_s", context.mesh), sft, tokenizer, template=None, beta=0.1
+        ),
     )
+    for scorer in scorers:
+        on_pairs = scorer.on_pairs(pairs)
+        for slot, completions in enumerate(dataset.completions):
+            responses = [" " + decode(completions[i]) for i in range(len(dataset))]
+            on_text = scorer.on_samples(prompts, responses)
+            np.testing.assert_allclose(on_pairs[:, slot], on_text, atol=1e-4)
 
 
 # ----------------------------------------------------------------------------- engine
@@ -391,8 +446,8 @@ def final_fingerprint(directory) -> str:
 
 
 @pytest.fixture(scope="module")
-def uninterrupted(chain, tmp_path_factory):
-    run_dir, _ = chain
+def uninterrupted(demo, tmp_path_factory):
+    run_dir = demo
     directory = tmp_path_factory.mktemp("caid_direct")
     context = direct_context(directory)
     reference = hf.load_checkpoint(
