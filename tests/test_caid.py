@@ -250,9 +250,9 @@ def demo_with_test_stages(run_dir) -> dict:
         config = yaml.safe_load(f)
     slack = caid_run_stage(
         "caid_slack",
-        [{"model": "cost", "threshold": -1.0}],
+        [{"model": "cost", "threshold": -1.0}, {"model": "oracle", "threshold": -2.0}],
         reward="reward",
-        lambda_init=1.0,
+        lambda_init=[1.0, 1.0],
         dual_lr=0.5,
         prompts={**PROMPTS, "limit": 32},
         sampling={**SAMPLING, "responses_per_prompt": 4},
@@ -344,15 +344,16 @@ def test_caid_best_iterate_meets_the_violated_constraint(demo):
 
 
 @pytest.mark.slow
-def test_caid_lowers_lambda_when_the_constraint_is_slack(demo):
+def test_caid_lowers_lambda_when_the_constraints_are_slack(demo):
+    """Two constraints (cost model, b = -1; oracle, b = -2), so lambda is a vector."""
     history = history_of(demo, "caid_slack")["history"]
-    lam = [h["lambda"][0] for h in history]
-    u = [h["u"][0] for h in history]
-    assert u[0] == pytest.approx(1.0)  # relative threshold -1: u_0 = 0 - (-1)
-    assert lam[0] == 1.0 and lam[1] == pytest.approx(0.5)  # 1 - 0.5 * 1
-    for t in range(len(history) - 1):  # slack (u > 0) lowers lam, down to 0
-        assert u[t] > 0 and lam[t + 1] == pytest.approx(max(0.0, lam[t] - 0.5 * u[t]))
-    assert lam[-1] < lam[0]
+    lam = np.array([h["lambda"] for h in history])  # (T + 1, 2)
+    u = np.array([h["u"] for h in history])
+    np.testing.assert_allclose(u[0], [1.0, 2.0])  # relative thresholds: u_0 = 0 - b
+    np.testing.assert_allclose(lam[:2], [[1.0, 1.0], [0.5, 0.0]])  # max(0, 1 - 0.5 u_0)
+    for t in range(len(history) - 1):  # slack (u > 0) lowers each lam, down to 0
+        assert np.all(u[t] > 0)
+        np.testing.assert_allclose(lam[t + 1], np.maximum(0.0, lam[t] - 0.5 * u[t]))
 
 
 @pytest.mark.slow
