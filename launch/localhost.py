@@ -112,16 +112,23 @@ def _wait_all(processes: list[subprocess.Popen]) -> int:
     return status
 
 
-def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--num-processes", type=int, default=2)
-    parser.add_argument("--devices-per-process", type=int, default=1)
-    parser.add_argument("--port", type=int, help="coordinator port (default: a free one)")
+def parse_launch_args(parser: argparse.ArgumentParser, argv: list[str] | None):
+    """Parse a launcher's command line, adding what every launcher takes: ``--dry-run``
+    and the train arguments after ``--`` (returned without the ``--``)."""
     parser.add_argument("--dry-run", action="store_true", help="print the commands, run nothing")
     parser.add_argument("train_args", nargs=argparse.REMAINDER, help="-- then train arguments")
     args = parser.parse_args(argv)
     if args.train_args[:1] == ["--"]:
         args.train_args = args.train_args[1:]
+    return args
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--num-processes", type=int, default=2)
+    parser.add_argument("--devices-per-process", type=int, default=1)
+    parser.add_argument("--port", type=int, help="coordinator port (default: a free one)")
+    args = parse_launch_args(parser, argv)
     if args.num_processes < 1 or args.devices_per_process < 1:
         parser.error("--num-processes and --devices-per-process must be >= 1")
     return args

@@ -20,7 +20,12 @@ import subprocess
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from localhost import free_port, process_commands, run_processes  # noqa: E402
+from localhost import (  # noqa: E402
+    free_port,
+    parse_launch_args,
+    process_commands,
+    run_processes,
+)
 
 
 def visible_gpus() -> list[str]:
@@ -46,11 +51,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--gpus", help="comma-separated GPU indices (default: all)")
     parser.add_argument("--process-per-gpu", action="store_true", help="one process per GPU")
     parser.add_argument("--port", type=int, help="coordinator port (default: a free one)")
-    parser.add_argument("--dry-run", action="store_true", help="print the commands, run nothing")
-    parser.add_argument("train_args", nargs=argparse.REMAINDER, help="-- then train arguments")
-    args = parser.parse_args(argv)
-    if args.train_args[:1] == ["--"]:
-        args.train_args = args.train_args[1:]
+    args = parse_launch_args(parser, argv)
     return args
 
 

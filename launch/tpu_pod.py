@@ -24,10 +24,14 @@ the run directory there (gcsfuse must be installed on the image).
 from __future__ import annotations
 
 import argparse
+import os
 import shlex
 import subprocess
 import sys
 from pathlib import Path
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from localhost import parse_launch_args  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
 PACKED = ["sacpo_jax", "configs", "setup.py", "pyproject.toml", "README.md"]
@@ -109,11 +113,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--keep", action="store_true", help="do not delete the slice at the end")
     parser.add_argument("--bucket", help="GCS bucket for the run directory (gcsfuse)")
     parser.add_argument("--results", default="runs/", help="local folder for the run directory")
-    parser.add_argument("--dry-run", action="store_true", help="print the commands, run nothing")
-    parser.add_argument("train_args", nargs=argparse.REMAINDER, help="-- then train arguments")
-    args = parser.parse_args(argv)
-    if args.train_args[:1] == ["--"]:
-        args.train_args = args.train_args[1:]
+    args = parse_launch_args(parser, argv)
     return args
 
 
