@@ -159,6 +159,16 @@ def place_from_host(
     return jax.make_array_from_callback(shape, sharding, callback)
 
 
+def on_cloud_tpu_vm() -> bool:
+    """True on a Cloud TPU VM: JAX's import-time check found libtpu and TPU chips, or
+    the variables GKE and multislice set are present."""
+    from jax._src import cloud_tpu_init  # the flag JAX's own cluster detection reads
+
+    return bool(getattr(cloud_tpu_init, "running_in_cloud_tpu_vm", False)) or any(
+        name in os.environ for name in ("TPU_WORKER_HOSTNAMES", "MEGASCALE_COORDINATOR_ADDRESS")
+    )
+
+
 def initialize_distributed(
     coordinator_address: str | None = None,
     num_processes: int | None = None,
@@ -166,8 +176,9 @@ def initialize_distributed(
 ) -> bool:
     """Start jax.distributed when running on several hosts; returns True if it started.
 
-    Cloud TPU pods are detected by JAX itself (no arguments needed); for GPU and CPU
-    hosts the three values come from the arguments or from SACPO_COORDINATOR,
+    On a Cloud TPU VM JAX finds the slice's hosts itself (metadata server or GKE
+    variables), so it starts with no arguments, on one host as on a pod. For GPU and
+    CPU hosts the three values come from the arguments or from SACPO_COORDINATOR,
     SACPO_NUM_PROCESSES and SACPO_PROCESS_ID.
     """
     coordinator_address = coordinator_address or os.environ.get("SACPO_COORDINATOR")
@@ -175,9 +186,6 @@ def initialize_distributed(
         num_processes = int(os.environ["SACPO_NUM_PROCESSES"])
     if process_id is None and "SACPO_PROCESS_ID" in os.environ:
         process_id = int(os.environ["SACPO_PROCESS_ID"])
-    on_tpu_pod = (
-        "TPU_WORKER_HOSTNAMES" in os.environ or "MEGASCALE_COORDINATOR_ADDRESS" in os.environ
-    )
     if coordinator_address and num_processes and num_processes > 1:
         jax.distributed.initialize(
             coordinator_address=coordinator_address,
@@ -185,7 +193,7 @@ def initialize_distributed(
             process_id=process_id,
         )
         return True
-    if on_tpu_pod:
+    if on_cloud_tpu_vm():
         jax.distributed.initialize()
         return True
     return False

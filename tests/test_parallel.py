@@ -87,3 +87,32 @@ def test_sharded_init_places_parameters():
     model = init_model(config, mesh, seed=0)
     assert model.layers.gate[...].sharding.spec == P(None, "fsdp", "tensor")
     assert model.layers.gate[...].addressable_shards[0].data.shape == (2, 16, 64)
+
+
+def record_initialize(monkeypatch) -> list[dict]:
+    calls: list[dict] = []
+    monkeypatch.setattr(jax.distributed, "initialize", lambda **kwargs: calls.append(kwargs))
+    for name in ("SACPO_COORDINATOR", "SACPO_NUM_PROCESSES", "SACPO_PROCESS_ID"):
+        monkeypatch.delenv(name, raising=False)
+    for name in ("TPU_WORKER_HOSTNAMES", "MEGASCALE_COORDINATOR_ADDRESS"):
+        monkeypatch.delenv(name, raising=False)
+    return calls
+
+
+def test_a_cloud_tpu_vm_starts_jax_distributed_with_no_arguments(monkeypatch):
+    # gcloud ... ssh --worker=all sets no pod variables: JAX's own TPU check decides
+    from jax._src import cloud_tpu_init
+
+    calls = record_initialize(monkeypatch)
+    assert not parallel.initialize_distributed() and calls == []  # this CPU machine
+    monkeypatch.setattr(cloud_tpu_init, "running_in_cloud_tpu_vm", True)
+    assert parallel.initialize_distributed() and calls == [{}]
+
+
+def test_gpu_hosts_start_from_the_environment(monkeypatch):
+    calls = record_initialize(monkeypatch)
+    monkeypatch.setenv("SACPO_COORDINATOR", "10.0.0.1:1234")
+    monkeypatch.setenv("SACPO_NUM_PROCESSES", "4")
+    monkeypatch.setenv("SACPO_PROCESS_ID", "3")
+    assert parallel.initialize_distributed()
+    assert calls == [{"coordinator_address": "10.0.0.1:1234", "num_processes": 4, "process_id": 3}]
