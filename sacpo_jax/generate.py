@@ -2,7 +2,8 @@
 
 One compiled function does the whole generation of a batch: a prefill forward over the
 (left-padded) prompts fills the key/value cache, then a ``jax.lax.while_loop`` feeds one
-token per step until ``max_new_tokens`` or until every row has emitted EOS. Prompts are
+token per step until ``max_new_tokens`` or until every row has emitted EOS or a stop
+sequence (the token ids of a stop string, see ``stop_token_sequences``). Prompts are
 padded to a power-of-two length bucket and batches to a power-of-two row bucket, so a
 run compiles once per (rows, prompt length, max_new_tokens, greedy or sampled).
 
@@ -58,11 +59,12 @@ class GenerationError(ValueError):
 class GeneratedTokens(NamedTuple):
     """Output of ``generate_tokens``; all arrays have ``max_new_tokens`` columns.
 
-    tokens:   [b, T] int32, the new tokens; EOS is kept, positions after it hold pad_id.
+    tokens:   [b, T] int32, the new tokens; EOS (or a stop sequence) is kept, positions
+              after it hold pad_id.
     logprobs: [b, T] float32, log-probability of each token under the distribution it
               was drawn from (after temperature / top-k / top-p); 0 for greedy and pads.
     mask:     [b, T] int32, 1 for emitted tokens (EOS included), 0 for pads after EOS.
-    finished: [b] bool, True where the row emitted EOS.
+    finished: [b] bool, True where the row emitted EOS or a stop sequence.
     """
 
     tokens: jax.Array
@@ -99,6 +101,46 @@ def cut_at_stop(text: str, stop_strings: Sequence[str]) -> str:
         if found != -1:
             cut = min(cut, found)
     return text[:cut]
+
+
+STOP_CONTEXTS = ("", " ", "\n", "a", "a ", ".")  # text a stop string may follow
+
+
+def stop_token_sequences(tokenizer: Any, stop_strings: Sequence[str]) -> list[tuple[int, ...]]:
+    """Token ids that end generation early: for each stop string s and each context c in
+    STOP_CONTEXTS, the shortest tail of encode(c + s) whose decoding contains s.
+
+    Only an early exit: any text generated after s is cut off by ``cut_at_stop`` anyway,
+    and every sequence kept decodes to text containing s, so stopping on it changes no
+    output. A stop string tokenised another way is still cut after decoding.
+    """
+    sequences: set[tuple[int, ...]] = set()
+    for stop in stop_strings:
+        for context in STOP_CONTEXTS:
+            ids = list(tokenizer(context + stop, add_special_tokens=False).input_ids)
+            for start in range(len(ids) - 1, -1, -1):
+                if stop in tokenizer.decode(ids[start:], skip_special_tokens=True):
+                    sequences.add(tuple(ids[start:]))
+                    break
+    return sorted(sequences)
+
+
+def stop_sequence_array(sequences: Sequence[Sequence[int]]) -> jax.Array:
+    """[S, L] int32, each sequence right-aligned, -1 (matches anything) on its left;
+    one never-matching row (-2) when there are none."""
+    if not sequences:
+        return jnp.full((1, 1), -2, jnp.int32)
+    width = max(len(sequence) for sequence in sequences)
+    array = np.full((len(sequences), width), -1, np.int32)
+    for row, sequence in enumerate(sequences):
+        array[row, width - len(sequence) :] = sequence
+    return jnp.asarray(array)
+
+
+def ends_with_stop(recent: jax.Array, stops: jax.Array) -> jax.Array:
+    """[b] bool: the last L tokens [b, L] of a row end with one of the stops [S, L]."""
+    match = (recent[:, None, :] == stops[None]) | (stops[None] == -1)
+    return jnp.any(jnp.all(match, axis=-1), axis=-1)
 
 
 # ----------------------------------------------------------------------------- sampling
@@ -191,6 +233,7 @@ class _LoopState(NamedTuple):
     logprobs: jax.Array
     mask: jax.Array
     finished: jax.Array
+    recent: jax.Array  # [b, L] the last L tokens, for stop sequences
 
 
 def data_parallel_size(mesh: Mesh) -> int:
@@ -215,6 +258,7 @@ def _split_rows(mesh: Mesh | None, state: _LoopState) -> _LoopState:
         logprobs=rows(state.logprobs),
         mask=rows(state.mask),
         finished=rows(state.finished),
+        recent=rows(state.recent),
     )
 
 
@@ -228,6 +272,7 @@ def _decode(
     top_k: jax.Array,
     top_p: jax.Array,
     eos_ids: jax.Array,
+    stops: jax.Array,
     pad_id: jax.Array,
     max_new_tokens: int,
     greedy: bool,
@@ -255,6 +300,7 @@ def _decode(
     )
     token, logprob = choose(logits, 0)
     new = jnp.full((batch, max_new_tokens), pad_id, jnp.int32)
+    recent = jnp.full((batch, stops.shape[1]), -2, jnp.int32).at[:, -1].set(token)
     init = _split_rows(
         row_mesh,
         _LoopState(
@@ -264,7 +310,8 @@ def _decode(
             tokens=new.at[:, 0].set(token),
             logprobs=jnp.zeros((batch, max_new_tokens)).at[:, 0].set(logprob),
             mask=jnp.zeros((batch, max_new_tokens), jnp.int32).at[:, 0].set(1),
-            finished=jnp.isin(token, eos_ids),
+            finished=jnp.isin(token, eos_ids) | ends_with_stop(recent, stops),
+            recent=recent,
         ),
     )
 
@@ -286,6 +333,9 @@ def _decode(
         def put(buffer, column):
             return jax.lax.dynamic_update_slice_in_dim(buffer, column[:, None], s.step, axis=1)
 
+        recent = jnp.concatenate([s.recent[:, 1:], token[:, None]], axis=1)
+        stopped = jnp.isin(token, eos_ids) | ends_with_stop(recent, stops)
+
         return _split_rows(
             row_mesh,
             _LoopState(
@@ -295,7 +345,8 @@ def _decode(
                 tokens=put(s.tokens, token),
                 logprobs=put(s.logprobs, logprob),
                 mask=put(s.mask, (~s.finished).astype(jnp.int32)),
-                finished=s.finished | jnp.isin(token, eos_ids),
+                finished=s.finished | stopped,
+                recent=recent,
             ),
         )
 
@@ -342,6 +393,7 @@ def generate_tokens(
     rng: jax.Array | None = None,
     eos_id: int | Sequence[int] | None,
     pad_id: int,
+    stop_sequences: Sequence[Sequence[int]] = (),
     row_ids: jax.Array | np.ndarray | None = None,
     mesh: Mesh | None = None,
 ) -> GeneratedTokens:
@@ -349,6 +401,7 @@ def generate_tokens(
 
     rng: a jax.random key (default key(0)); row i samples with fold_in(rng, row_ids[i])
     (row_ids default 0..b-1). eos_id: one id, several, or None (never stops early).
+    stop_sequences: token-id sequences that also end a row (kept, like EOS).
     mesh: place the batch over its (data, fsdp) axes; the model's parameters stay where
     they are. Compiles once per (b, P, max_new_tokens, greedy).
     """
@@ -382,6 +435,7 @@ def generate_tokens(
         jnp.int32(top_k),
         jnp.float32(top_p),
         eos_ids,
+        stop_sequence_array(stop_sequences),
         jnp.int32(pad_id),
         max_new_tokens=max_new_tokens,
         greedy=temperature == 0,
@@ -459,14 +513,16 @@ def generate(
 
     Prompts are sorted by length, cut into batches of at most ``batch_size``, left-padded
     to a power-of-two length (>= 16) and a power-of-two row count (filled with copies
-    whose output is dropped). Each completion is decoded with special tokens skipped and
-    cut before the first stop string; ``stop="sacpo"`` is the paper's list.
+    whose output is dropped). A row stops at EOS or at a stop string's tokens
+    (``stop_token_sequences``); each completion is decoded with special tokens skipped
+    and cut before the first stop string; ``stop="sacpo"`` is the paper's list.
     """
     check_sampling(max_new_tokens, temperature, top_p, top_k)
     stop_strings = resolve_stop(stop)
     if batch_size < 1:
         raise GenerationError(f"batch_size must be >= 1, got {batch_size}")
     encoded = tokenize_prompts(tokenizer, prompts)
+    stop_sequences = stop_token_sequences(tokenizer, stop_strings)
     pad_id = tokenizer.pad_token_id
     if pad_id is None:
         pad_id = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else 0
@@ -488,6 +544,7 @@ def generate(
             rng=jax.random.key(seed),
             eos_id=tokenizer.eos_token_id,
             pad_id=pad_id,
+            stop_sequences=stop_sequences,
             row_ids=np.asarray(rows),
             mesh=mesh,
         )

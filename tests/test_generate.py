@@ -22,6 +22,7 @@ from sacpo_jax.generate import (
     next_power_of_two,
     resolve_stop,
     sampling_logprobs,
+    stop_token_sequences,
 )
 from sacpo_jax.models.llama import Llama, tiny_config
 
@@ -167,6 +168,43 @@ def test_eos_stops_rows_and_pads_after(model):
         assert np.asarray(out.tokens[row]).tolist() == tokens[:stop] + [0] * (NEW - stop)
         assert np.asarray(out.mask[row]).tolist() == [1] * stop + [0] * (NEW - stop)
         assert bool(out.finished[row]) == (eos in tokens)
+
+
+def test_stop_sequences_end_rows_like_eos(model):
+    """A row ends right after the first occurrence of a stop sequence (one or two tokens),
+    kept and followed by pads; up to there it is the free run's output."""
+    prompts = random_prompts(model.config.vocab_size)
+    free = [reference_greedy(model, p, NEW) for p in prompts]
+    stops = [(free[0][3],), tuple(free[1][2:4])]
+    ids, mask = left_pad(prompts, 16, pad_id=0)
+    out = generate_tokens(
+        model, ids, mask, max_new_tokens=NEW, eos_id=None, pad_id=0, stop_sequences=stops
+    )
+
+    def end_of_first_stop(tokens: list[int]) -> int | None:
+        for end in range(1, len(tokens) + 1):
+            if any(tuple(tokens[max(0, end - len(s)) : end]) == s for s in stops):
+                return end
+        return None
+
+    assert end_of_first_stop(free[0]) <= 4 and end_of_first_stop(free[1]) <= 4
+    for row, tokens in enumerate(free):
+        end = end_of_first_stop(tokens) or NEW
+        assert np.asarray(out.tokens[row]).tolist() == tokens[:end] + [0] * (NEW - end)
+        assert np.asarray(out.mask[row]).tolist() == [1] * end + [0] * (NEW - end)
+        assert bool(out.finished[row]) == (end_of_first_stop(tokens) is not None)
+
+
+def test_stop_token_sequences_decode_to_their_stop_string(tokenizer):
+    stops = ["User:", "\n\n", "END OF CONVERSATION"]
+    sequences = stop_token_sequences(tokenizer, stops)
+    for sequence in sequences:
+        text = tokenizer.decode(list(sequence), skip_special_tokens=True)
+        assert any(stop in text for stop in stops), (sequence, text)
+    for text in ("Sure. User: next", "a\n\nb", "ok END OF CONVERSATION"):
+        ids = tokenizer(text, add_special_tokens=False).input_ids
+        windows = {tuple(ids[i:j]) for i in range(len(ids)) for j in range(i + 1, len(ids) + 1)}
+        assert windows & set(sequences), text  # the early exit fires on this text
 
 
 def test_sampled_logprobs_are_the_model_logprobs(model):
