@@ -26,6 +26,7 @@ from typing import Any
 
 import jax
 import numpy as np
+from jax.sharding import Mesh
 
 from sacpo_jax import eval_metrics, plots
 from sacpo_jax.config import EvalSettings
@@ -78,7 +79,7 @@ def model_scorer(score_model: Llama, tokenizer, name: str, template: str | None)
 
 
 def generate_responses(
-    model: Llama, tokenizer, prompts: list[str], settings: EvalSettings
+    model: Llama, tokenizer, prompts: list[str], settings: EvalSettings, mesh: Mesh | None
 ) -> list[str]:
     texts = [settings.template.format(prompt=p) if settings.template else p for p in prompts]
     return generate(
@@ -90,6 +91,7 @@ def generate_responses(
         top_p=settings.top_p,
         seed=settings.seed,
         stop=settings.stop,
+        mesh=mesh,
     )
 
 
@@ -142,8 +144,10 @@ def evaluate_models(
     settings: EvalSettings,
     *,
     baseline: str | None = None,
+    mesh: Mesh | None = None,
 ) -> tuple[dict, dict]:
-    """(results per model, samples per model) for the given models and prompts."""
+    """(results per model, samples per model) for the given models and prompts; with a
+    mesh, each generation batch is split over its data-parallel axes."""
     if baseline is not None and baseline not in models:
         raise EvaluationError(
             f"baseline '{baseline}' is not among the evaluated models {list(models)}"
@@ -152,7 +156,7 @@ def evaluate_models(
     categories = np.array([p["category"] for p in prompts])
     per_model, samples = {}, {}
     for name, model in models.items():
-        responses = generate_responses(model, tokenizer, texts, settings)
+        responses = generate_responses(model, tokenizer, texts, settings, mesh)
         scores: dict[str, np.ndarray] = {}
         for scorer in scorers:
             scores.update(scorer(texts, responses))
@@ -301,7 +305,7 @@ def main(argv: list[str] | None = None) -> int:
             raise EvaluationError("no scorer: pass --oracle and/or --reward-model/--cost-model")
         prompts = read_prompts(prompt_source(args.prompts), args.prompt_field, args.limit)
         results, samples = evaluate_models(
-            models, tokenizer, prompts, scorers, settings, baseline=args.baseline
+            models, tokenizer, prompts, scorers, settings, baseline=args.baseline, mesh=mesh
         )
         paths = write_report(results, samples, args.output)
     except (EvaluationError, DataError, CheckpointError) as e:

@@ -267,7 +267,7 @@ def _decode(
     state: Any,
     input_ids: jax.Array,
     attention_mask: jax.Array,
-    row_keys: jax.Array,
+    row_key_data: jax.Array,
     temperature: jax.Array,
     top_k: jax.Array,
     top_p: jax.Array,
@@ -277,13 +277,16 @@ def _decode(
     max_new_tokens: int,
     greedy: bool,
     row_mesh: Mesh | None,
+    key_impl: str,
 ) -> GeneratedTokens:
     """Prefill, then one cached step per new token until done; see the module docstring.
 
-    row_mesh: when given, every per-row array (caches included) stays split over its
-    batch axes through the loop.
+    row_key_data: [b, ...] raw data of each row's key (of PRNG implementation
+    ``key_impl``). row_mesh: when given, every per-row array (caches included) stays split
+    over its batch axes through the loop.
     """
     model = nnx.merge(graphdef, state)
+    row_keys = jax.random.wrap_key_data(row_key_data, impl=key_impl)
     batch, prompt_len = input_ids.shape
     real_lengths = jnp.sum(attention_mask, axis=-1)
     key_mask = jnp.concatenate(
@@ -354,7 +357,9 @@ def _decode(
     return GeneratedTokens(out.tokens, out.logprobs, out.mask, out.finished)
 
 
-_decode_jit = jax.jit(_decode, static_argnames=("graphdef", "max_new_tokens", "greedy", "row_mesh"))
+_decode_jit = jax.jit(
+    _decode, static_argnames=("graphdef", "max_new_tokens", "greedy", "row_mesh", "key_impl")
+)
 
 
 def check_sampling(max_new_tokens: int, temperature: float, top_p: float, top_k: int) -> None:
@@ -369,16 +374,19 @@ def check_sampling(max_new_tokens: int, temperature: float, top_p: float, top_k:
         raise GenerationError(f"top_k must be >= 0 (0 = off), got {top_k}")
 
 
-def place_batch(arrays: Sequence[jax.Array], mesh: Mesh | None, split: bool) -> list[jax.Array]:
-    """On the mesh: rows split over its batch axes when ``split``, else replicated."""
+def place_batch(arrays: Sequence[np.ndarray], mesh: Mesh | None, split: bool) -> list[jax.Array]:
+    """Host arrays (the same on every process) onto the mesh: rows split over its batch
+    axes when ``split``, else replicated. Each process fills only its own devices, so
+    this also works when the mesh spans several processes."""
     if mesh is None:
         return [jnp.asarray(a) for a in arrays]
-    return [
-        jax.device_put(
-            a, parallel.batch_sharding(mesh, a.ndim) if split else parallel.replicated(mesh)
+    placed = []
+    for host in arrays:
+        sharding = parallel.batch_sharding(mesh, host.ndim) if split else parallel.replicated(mesh)
+        placed.append(
+            jax.make_array_from_callback(host.shape, sharding, lambda index, a=host: a[index])
         )
-        for a in arrays
-    ]
+    return placed
 
 
 def generate_tokens(
@@ -408,10 +416,8 @@ def generate_tokens(
     check_sampling(max_new_tokens, temperature, top_p, top_k)
     if model.config.score_model:
         raise GenerationError("generate needs a causal LM, got a score model")
-    mask = jnp.asarray(attention_mask, jnp.int32)
-    if mask.ndim != 2 or not bool(
-        jnp.all(jnp.diff(mask, axis=-1) >= 0) & jnp.all(mask[:, -1] == 1)
-    ):
+    mask = np.asarray(attention_mask, np.int32)
+    if mask.ndim != 2 or not (np.all(np.diff(mask, axis=-1) >= 0) and np.all(mask[:, -1] == 1)):
         raise GenerationError(
             "attention_mask must be [batch, length], left-padded, with a real last token per row"
         )
@@ -421,8 +427,14 @@ def generate_tokens(
     row_keys = jax.vmap(jax.random.fold_in, in_axes=(None, 0))(rng, jnp.asarray(row_ids))
     eos_ids = jnp.asarray([-1] if eos_id is None else np.atleast_1d(eos_id), jnp.int32)
     split = mesh is not None and batch % data_parallel_size(mesh) == 0
-    input_ids, mask, row_keys = place_batch(
-        [jnp.asarray(input_ids, jnp.int32), mask, row_keys], mesh, split
+    input_ids, mask, row_key_data = place_batch(
+        [
+            np.asarray(input_ids, np.int32),
+            np.asarray(mask),
+            np.asarray(jax.random.key_data(row_keys)),
+        ],
+        mesh,
+        split,
     )
     graphdef, state = nnx.split(model)
     return _decode_jit(
@@ -430,7 +442,7 @@ def generate_tokens(
         state,
         input_ids,
         mask,
-        row_keys,
+        row_key_data,
         jnp.float32(max(temperature, 1e-6)),
         jnp.int32(top_k),
         jnp.float32(top_p),
@@ -440,6 +452,7 @@ def generate_tokens(
         max_new_tokens=max_new_tokens,
         greedy=temperature == 0,
         row_mesh=mesh if split else None,
+        key_impl=str(jax.random.key_impl(rng)),
     )
 
 

@@ -140,7 +140,13 @@ class Executors:
             stage.prompts.source, stage.prompts.field, stage.prompts.limit
         )
         results, samples = evaluate.evaluate_models(
-            models, self.tokenizer, prompts, scorers, stage.settings, baseline=stage.baseline
+            models,
+            self.tokenizer,
+            prompts,
+            scorers,
+            stage.settings,
+            baseline=stage.baseline,
+            mesh=ctx.mesh,
         )
         stages_dir = self.config.directory / "stages"
         logs = {

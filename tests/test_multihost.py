@@ -7,6 +7,8 @@ bundled data) through launch/localhost.py, sharing a persistent compilation cach
     resumed  1 process, 2 devices, from the two-process checkpoint of step 10
              (later steps, export and marker removed, as if stopped there).
 Same global batch everywhere, so the losses must agree to float32 reduction order.
+Each run ends with an evaluate stage that samples from the initial model: generation
+with the batch split over both processes gives the one-process texts.
 """
 
 from __future__ import annotations
@@ -44,6 +46,12 @@ stages:
             max_length: 32, max_prompt_length: 16, limit: 96}}
     train: {{max_steps: {STEPS}, batch_size: 8, learning_rate: 1.0e-2, warmup_ratio: 0.0,
              log_every: 1, save_every: {STOP}, keep_checkpoints: 2}}
+  - name: eval
+    kind: evaluate
+    models: [initial]
+    prompts: {{source: {{type: bundled, name: eval_prompts}}, limit: 6}}
+    settings: {{max_new_tokens: 6, temperature: 1.0, elo_trials: 1, stop: sacpo}}
+    oracle: true
 """
 
 
@@ -148,3 +156,13 @@ def test_two_process_checkpoint_resumes_in_one_process(runs):
     final_resumed, final_one = _exported(workdir / "resumed"), _exported(workdir / "one")
     for name in final_one:
         _assert_close_params(final_resumed[name], final_one[name], name)
+
+
+def test_generation_across_processes_matches_one_process(runs):
+    workdir, _ = runs
+    samples = {
+        name: (workdir / name / "stages" / "eval" / "samples.jsonl").read_text()
+        for name in ("two", "one")
+    }
+    assert len(samples["one"].splitlines()) == 6
+    assert samples["two"] == samples["one"]
