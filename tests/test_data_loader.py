@@ -7,7 +7,7 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from sacpo_jax.data.dataset import Ragged, TokenizedDataset
-from sacpo_jax.data.loader import BatchLoader, bucket_length, make_global
+from sacpo_jax.data.loader import BatchLoader, bucket_length, kl_partners, make_global
 
 N = 24
 PAD = 0
@@ -128,21 +128,42 @@ def test_pair_batch_rows_are_packed_examples():
     assert batch["chosen_input_ids"].dtype == np.int32
 
 
-def test_kto_batch_has_labels_and_mismatched_kl_pairs_within_the_process_batch():
+def test_kl_partners_form_one_cycle_through_every_example():
+    for n in (2, 3, N, 1000):
+        partner = kl_partners(n)
+        assert sorted(partner.tolist()) == list(range(n))  # a permutation ...
+        seen, i = set(), 0
+        while i not in seen:
+            seen.add(i)
+            i = int(partner[i])
+        assert len(seen) == n  # ... that is a single cycle, so no example is its own partner
+    assert kl_partners(N) is kl_partners(N) and not kl_partners(N).flags.writeable
+
+
+def test_kto_batch_has_labels_and_fixed_mismatched_kl_pairs():
+    """Each row's KL pair is its prompt with its fixed partner's completion, whatever
+    the batch (train, eval, another process), so reference KL log-probs can be stored."""
     dataset = make_dataset("unpaired")
-    ld = loader(dataset, process_index=1, process_count=2)
-    batch = ld.batch(0)
-    indices = ld.local_indices(0)
-    assert batch["label"].dtype == np.int32
-    assert batch["label"].tolist() == (indices % 2).tolist()
-    for row, i in enumerate(indices):
-        partner = indices[(row + 1) % len(indices)]
-        prompt = example_tokens(int(i))[0]
-        partner_completion = example_tokens(int(partner))[1]
-        used = len(prompt) + len(partner_completion)
-        assert batch["kl_input_ids"][row, :used].tolist() == prompt + partner_completion
-        assert batch["kl_loss_mask"][row].sum() == len(partner_completion)
-    assert batch["kl_input_ids"].shape == batch["input_ids"].shape
+    partner = kl_partners(N)
+    batches = [
+        (loader(dataset, process_index=1, process_count=2), 0),
+        (loader(dataset, process_index=0, process_count=2, seed=9), 2),
+        (loader(dataset, shuffle=False, drop_remainder=False, global_batch_size=5), 4),
+    ]
+    for ld, step in batches:
+        batch, indices = ld.batch(step), ld.local_indices(step)
+        assert batch["label"].dtype == np.int32
+        assert batch["label"].tolist() == (np.maximum(indices, 0) % 2 * (indices >= 0)).tolist()
+        for row, i in enumerate(indices):
+            if i < 0:  # an eval padding row: empty
+                assert batch["kl_attention_mask"][row].sum() == 0
+                continue
+            prompt = example_tokens(int(i))[0]
+            partner_completion = example_tokens(int(partner[i]))[1]
+            used = len(prompt) + len(partner_completion)
+            assert batch["kl_input_ids"][row, :used].tolist() == prompt + partner_completion
+            assert batch["kl_loss_mask"][row].sum() == len(partner_completion)
+        assert batch["kl_input_ids"].shape == batch["input_ids"].shape
 
 
 def test_gradient_accumulation_reshapes_the_batch():

@@ -421,3 +421,38 @@ def test_precomputed_and_on_the_fly_reference_give_the_same_results(bundled_chai
         np.testing.assert_array_equal(again.train.columns[name], values)
     for name, values in stores[300].items():
         np.testing.assert_array_equal(again.eval.columns[name], values)
+
+
+def test_kto_precomputed_reference_matches_on_the_fly(bundled_chain):
+    """KTO's KL pairs are fixed per example, so its reference log-probs (KL rows
+    included) can be precomputed: 12 steps give the on-the-fly run's losses and KL."""
+    root, mesh, sft_model = bundled_chain["root"], bundled_chain["mesh"], bundled_chain["sft"]
+    base = {
+        "kind": "kto",
+        "beta": 0.1,
+        "data": bundled("preference", "pku_kto_safety", limit=128),
+        "eval_data": bundled("preference_test", "pku_kto_safety", limit=40),
+        "train": train_options(3e-3, max_steps=12, log_every=4),
+    }
+    logs, evals = {}, {}
+    for mode in ("precompute", "on_the_fly"):
+        stage = PreferenceStage.model_validate(
+            {**base, "name": f"kto_{mode}", "reference_mode": mode}
+        )
+        assert runner.uses_on_the_fly_reference(stage) == (mode == "on_the_fly")
+        runner.run_stage(stage, sft_model, sft_model, stage_context(root, stage.name, mesh))
+        stage_dir = root / "stages" / stage.name
+        logs[mode] = [r for r in read_metrics(str(stage_dir / "metrics.jsonl")) if "loss" in r]
+        evals[mode] = json.loads((stage_dir / "eval.json").read_text())
+    assert [r["step"] for r in logs["precompute"]] == [4, 8, 12]
+    assert max(r["kl"] for r in logs["precompute"]) > 1e-3  # the policy moved off pi_ref
+    for name in ("loss", "kl"):
+        np.testing.assert_allclose(
+            [r[name] for r in logs["on_the_fly"]],
+            [r[name] for r in logs["precompute"]],
+            rtol=1e-6,
+            atol=1e-6,
+        )
+    assert evals["precompute"].keys() == evals["on_the_fly"].keys()
+    for name, value in evals["precompute"].items():
+        np.testing.assert_allclose(evals["on_the_fly"][name], value, rtol=1e-6, atol=1e-6)

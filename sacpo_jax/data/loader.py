@@ -18,8 +18,10 @@ Batch layouts (dicts of numpy arrays, leading dim = per-process batch, or
   rejected_{...}, plus every dataset column (chosen_sign, rejected_sign for
   score pairs; label; scores; reference log-probs).
 - unpaired: input_ids, attention_mask, loss_mask, label, plus
-  kl_{input_ids, attention_mask, loss_mask}: prompt i with the completion of
-  row (i + 1) mod b of the same per-process batch (the KTO KL estimate).
+  kl_{input_ids, attention_mask, loss_mask}: prompt i with the completion of its
+  fixed partner ``kl_partners(n)[i]`` (the KTO KL estimate's mismatched pairs). The
+  partner depends on the example only, not on the batch, so the reference's KL
+  log-probs can be precomputed per example like its other log-probs.
 - sft: input_ids, attention_mask, loss_mask.
 Token arrays are int32; integer columns int32, float columns float32. Eval
 loaders (``drop_remainder=False``) pad the last batch with empty rows and add
@@ -28,6 +30,7 @@ loaders (``drop_remainder=False``) pad the last batch with empty rows and add
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Iterator, Sequence
 
 import jax
@@ -37,6 +40,25 @@ from sacpo_jax.data.dataset import TokenizedDataset
 from sacpo_jax.data.tokenize import pack
 
 _EMPTY = np.zeros(0, dtype=np.int32)
+KL_PARTNER_SEED = 0
+
+
+@functools.lru_cache(maxsize=8)
+def kl_partners(n: int) -> np.ndarray:
+    """Each example's KL partner: one random cycle through all n examples, so
+    partner[i] != i for n >= 2. With order = permutation(n): partner[order[k]] =
+    order[k + 1 mod n]. Read-only; the same on every process and in every epoch."""
+    order = np.random.default_rng(KL_PARTNER_SEED).permutation(n)
+    partner = np.empty(n, dtype=np.int64)
+    partner[order] = np.roll(order, -1)
+    partner.flags.writeable = False
+    return partner
+
+
+def _partners_of(dataset: TokenizedDataset, indices: np.ndarray) -> np.ndarray:
+    """KL partners of ``indices``; -1 (a padding row) stays -1."""
+    partner = kl_partners(len(dataset))
+    return np.where(indices >= 0, partner[np.maximum(indices, 0)], -1)
 
 
 def bucket_length(needed: int, buckets: Sequence[int]) -> int:
@@ -158,15 +180,10 @@ class BatchLoader:
         """Longest sequence of the global batch, KTO's mismatched KL pairs included."""
         real = global_indices[global_indices >= 0]
         needed = int(self._lengths[real].max()) if len(real) else 1
-        if self.dataset.kind == "unpaired":
-            prompts = self.dataset.prompts.lengths
-            completions = self.dataset.completions[0].lengths
-            for local in global_indices.reshape(-1, self.local_batch_size):
-                partners = np.roll(local, -1)
-                both = (local >= 0) & (partners >= 0)
-                if both.any():
-                    kl = prompts[local[both]] + completions[partners[both]]
-                    needed = max(needed, int(kl.max()))
+        if self.dataset.kind == "unpaired" and len(real):
+            partners = _partners_of(self.dataset, real)
+            kl = self.dataset.prompts.lengths[real] + self.dataset.completions[0].lengths[partners]
+            needed = max(needed, int(kl.max()))
         return needed
 
 
@@ -214,8 +231,8 @@ def _collate_single(dataset: TokenizedDataset, indices, length: int, pad_id: int
 def _collate_unpaired(dataset: TokenizedDataset, indices, length: int, pad_id: int) -> dict:
     prompts = _tokens(dataset.prompts, indices)
     completions = _tokens(dataset.completions[0], indices)
-    shifted = completions[1:] + completions[:1]
-    kl = _pack_rows(prompts, shifted, length, pad_id, "kl_")
+    partners = _tokens(dataset.completions[0], _partners_of(dataset, indices))
+    kl = _pack_rows(prompts, partners, length, pad_id, "kl_")
     return {**_pack_rows(prompts, completions, length, pad_id, ""), **kl}
 
 

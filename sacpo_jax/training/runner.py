@@ -248,10 +248,9 @@ def prepare_data(stage, reference: Llama | None, ctx: StageContext, on_the_fly: 
 
 
 def uses_on_the_fly_reference(stage) -> bool:
-    """KTO's mismatched KL rows depend on the batch, so its reference runs per batch."""
-    if stage.kind == "kto":
-        return True
-    return stage.kind == "dpo" and stage.reference_mode == "on_the_fly"
+    """DPO and KTO precompute the reference's log-probs unless asked not to (KTO's
+    mismatched KL rows are fixed per example, see ``loader.kl_partners``)."""
+    return stage.kind in ("dpo", "kto") and stage.reference_mode == "on_the_fly"
 
 
 def load_finished(ctx: StageContext, like: Llama) -> Llama:
