@@ -456,3 +456,30 @@ def test_kto_precomputed_reference_matches_on_the_fly(bundled_chain):
     assert evals["precompute"].keys() == evals["on_the_fly"].keys()
     for name, value in evals["precompute"].items():
         np.testing.assert_allclose(evals["on_the_fly"][name], value, rtol=1e-6, atol=1e-6)
+
+
+def test_float32_adam_moments_for_bfloat16_parameters():
+    """moments_dtype float32: after two steps on bf16 weights the moments are the float32
+    closed form mu = (1 - b1) (b1 g1 + g2), nu = (1 - b2) (b2 g1^2 + g2^2) of the (bf16)
+    gradients, and the weights stay bf16; without it the moments are bf16 too."""
+    import jax.numpy as jnp
+    import optax
+
+    params = {"w": jnp.asarray([1.0, -2.0, 3.0], jnp.bfloat16)}
+    grads = [
+        {"w": jnp.asarray([1e-3, 0.3, -7.0], jnp.bfloat16)},
+        {"w": jnp.asarray([2e-3, -0.1, 5.0], jnp.bfloat16)},
+    ]
+    optimizer = make_optimizer(4, warmup_ratio=0.0, max_grad_norm=0.0, moments_dtype="float32")
+    state = optimizer.init(params)
+    for g in grads:
+        direction, state = optimizer.update(g, state, params)
+        params = optax.apply_updates(params, jax.tree.map(lambda d: -0.01 * d, direction))
+    adam = state[0]
+    g1, g2 = (np.asarray(g["w"], np.float64) for g in grads)
+    assert adam.mu["w"].dtype == adam.nu["w"].dtype == jnp.float32
+    np.testing.assert_allclose(adam.mu["w"], 0.1 * (0.9 * g1 + g2), rtol=1e-6)
+    np.testing.assert_allclose(adam.nu["w"], 0.001 * (0.999 * g1**2 + g2**2), rtol=1e-6)
+    assert params["w"].dtype == jnp.bfloat16
+    plain = make_optimizer(4, max_grad_norm=0.0).init(params)[0]
+    assert plain.mu["w"].dtype == plain.nu["w"].dtype == jnp.bfloat16

@@ -188,6 +188,7 @@ class CaidRun:
             warmup_ratio=train.warmup_ratio,
             weight_decay=train.weight_decay,
             max_grad_norm=train.max_grad_norm,
+            moments_dtype=train.adam_dtype,
         )
         self.coeffs = steps.coefficient_arrays(
             {"learning_rate": train.learning_rate, "beta": stage.beta, "label_smoothing": 0.0}

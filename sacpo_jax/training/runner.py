@@ -299,6 +299,7 @@ class StageLoop:
             warmup_ratio=self.train.warmup_ratio,
             weight_decay=self.train.weight_decay,
             max_grad_norm=self.train.max_grad_norm,
+            moments_dtype=self.train.adam_dtype,
         )
         self.graphdef, self.params = split_model(start)
         self.model_config = start.config

@@ -9,6 +9,8 @@ Optimiser: AdamW with global-norm clipping and a warmup + cosine schedule. The s
 is a *shape* in [0, 1]; the peak learning rate is a traced coefficient multiplied in by
 the step, so changing it never recompiles:
     update = -lr * s(t) * (adam(g) + weight_decay * theta)
+With ``moments_dtype`` Adam runs in that dtype (moments stored in it, gradients cast
+to it), whatever the parameters' dtype; the update is cast back when applied.
 """
 
 from __future__ import annotations
@@ -52,14 +54,29 @@ def make_optimizer(
     b1: float = 0.9,
     b2: float = 0.999,
     eps: float = 1e-8,
+    moments_dtype: str | None = None,
 ) -> optax.GradientTransformation:
     """AdamW direction times the schedule shape; the step multiplies by -learning_rate."""
     parts = [optax.clip_by_global_norm(max_grad_norm)] if max_grad_norm > 0 else []
-    parts += [optax.scale_by_adam(b1=b1, b2=b2, eps=eps)]
+    adam = optax.scale_by_adam(b1=b1, b2=b2, eps=eps)
+    parts += [in_dtype(adam, moments_dtype) if moments_dtype else adam]
     if weight_decay:
         parts.append(optax.add_decayed_weights(weight_decay))
     parts.append(optax.scale_by_schedule(schedule_shape(total_steps, warmup_ratio)))
     return optax.chain(*parts)
+
+
+def in_dtype(inner: optax.GradientTransformation, dtype: str) -> optax.GradientTransformation:
+    """``inner`` run on gradients and parameters cast to ``dtype``: its state and its
+    output are in ``dtype`` (e.g. float32 Adam moments for bfloat16 parameters)."""
+
+    def cast(tree):
+        return jax.tree.map(lambda x: x.astype(dtype), tree)
+
+    def update(updates, state, params=None):
+        return inner.update(cast(updates), state, None if params is None else cast(params))
+
+    return optax.GradientTransformation(lambda params: inner.init(cast(params)), update)
 
 
 def split_model(model: Llama) -> tuple[nnx.GraphDef, dict]:
