@@ -50,7 +50,6 @@ from sacpo_jax.algorithms.pseudo_labels import (
     second_preferred_probability,
 )
 from sacpo_jax.config import CaidStage
-from sacpo_jax.data.loader import make_global
 from sacpo_jax.data.pipeline import build_dataset
 from sacpo_jax.generate import generate
 from sacpo_jax.models import hf
@@ -62,15 +61,16 @@ from sacpo_jax.training.runner import (
     CHECKPOINTS_DIR,
     MODEL_DIR,
     StageContext,
-    TrainingError,
     add_reference_logps,
+    global_batch,
     load_finished,
     make_loader,
+    stage_optimizer,
+    stop_on_non_finite_loss,
 )
 from sacpo_jax.training.state import (
     TrainState,
     create_state,
-    make_optimizer,
     schedule_shape,
     split_model,
 )
@@ -183,13 +183,7 @@ class CaidRun:
         self.steps_per_iteration = train.max_steps or max(
             1, math.ceil(train.epochs * loader.steps_per_epoch)
         )
-        self.optimizer = make_optimizer(
-            self.steps_per_iteration,
-            warmup_ratio=train.warmup_ratio,
-            weight_decay=train.weight_decay,
-            max_grad_norm=train.max_grad_norm,
-            moments_dtype=train.adam_dtype,
-        )
+        self.optimizer = stage_optimizer(train, self.steps_per_iteration)
         self.coeffs = steps.coefficient_arrays(
             {"learning_rate": train.learning_rate, "beta": stage.beta, "label_smoothing": 0.0}
         )
@@ -414,7 +408,7 @@ class CaidRun:
         )
         with checkpoint.PreemptionGuard() as guard:
             for index, batch in loader.iterate(first, total - first):
-                placed = self.global_batch(batch)
+                placed = global_batch(batch, self.ctx.mesh, train.grad_accum)
                 if self.train_step is None:
                     self.train_step = self.compile_step(placed)
                 state, metrics = self.train_step(state, placed, self.coeffs)
@@ -435,11 +429,6 @@ class CaidRun:
         progress.close()
         return state
 
-    def global_batch(self, batch: dict) -> dict:
-        accum = self.stage.train.grad_accum
-        shardings = steps.batch_shardings(self.ctx.mesh, batch, accum)
-        return {k: make_global({k: v}, shardings[k])[k] for k, v in batch.items()}
-
     def compile_step(self, placed: dict):
         accum = self.stage.train.grad_accum
         return steps.make_train_step(
@@ -456,13 +445,7 @@ class CaidRun:
         """Log (and NaN-check: a non-finite loss stops before any further save)."""
         metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
         if not math.isfinite(metrics["loss"]):
-            self.checkpointer.close()
-            last = self.checkpointer.latest_step()
-            raise TrainingError(
-                f"[{self.stage.name}] loss is {metrics['loss']} at step {step}: stopped; the "
-                f"last good checkpoint (step {last}) is in {self.checkpointer.directory}; lower "
-                "the learning rate or check the data, then rerun to resume from it"
-            )
+            stop_on_non_finite_loss(self.stage.name, metrics["loss"], step, self.checkpointer)
         schedule = schedule_shape(self.steps_per_iteration, self.stage.train.warmup_ratio)
         metrics["learning_rate"] = float(self.coeffs["learning_rate"]) * float(schedule(done - 1))
         self.logger.log(step, metrics)

@@ -23,12 +23,13 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 from flax import nnx
 from jax.sharding import Mesh
 from tqdm import tqdm
 
 from sacpo_jax import checkpoint, flops, parallel
-from sacpo_jax.config import PreferenceStage
+from sacpo_jax.config import PreferenceStage, TrainConfig
 from sacpo_jax.data.dataset import TokenizedDataset
 from sacpo_jax.data.loader import BatchLoader, make_global
 from sacpo_jax.data.pipeline import build_dataset
@@ -120,9 +121,34 @@ def make_loader(dataset, spec, ctx: StageContext, batch_size, *, train: bool, gr
     )
 
 
-def _global(batch: dict, mesh: Mesh, grad_accum: int = 1) -> dict:
+def global_batch(batch: dict, mesh: Mesh, grad_accum: int = 1) -> dict:
+    """Per-process numpy batch -> global jax.Arrays, rows split over the batch axes."""
     shardings = steps.batch_shardings(mesh, batch, grad_accum)
     return {k: make_global({k: v}, shardings[k])[k] for k, v in batch.items()}
+
+
+def stage_optimizer(train: TrainConfig, total_steps: int) -> optax.GradientTransformation:
+    """``make_optimizer`` with a stage's ``train`` settings over ``total_steps``."""
+    return make_optimizer(
+        total_steps,
+        warmup_ratio=train.warmup_ratio,
+        weight_decay=train.weight_decay,
+        max_grad_norm=train.max_grad_norm,
+        moments_dtype=train.adam_dtype,
+    )
+
+
+def stop_on_non_finite_loss(
+    stage_name: str, loss: float, step: int, checkpointer: checkpoint.StageCheckpointer
+) -> None:
+    """Close the checkpointer (no further save) and raise a one-line TrainingError that
+    names the last good checkpoint to resume from."""
+    checkpointer.close()
+    raise TrainingError(
+        f"[{stage_name}] loss is {loss} at step {step}: stopped; the last good checkpoint "
+        f"(step {checkpointer.latest_step()}) is in {checkpointer.directory}; lower the "
+        "learning rate or check the data, then rerun to resume from it"
+    )
 
 
 def add_reference_logps(
@@ -160,7 +186,7 @@ def compute_reference_columns(dataset, spec, reference, kind, ctx, batch_size) -
     collected: dict[str, list[np.ndarray]] = {}
     for _, batch in loader.iterate():
         valid = batch.pop("valid").astype(bool)
-        out = reference_step(params, _global(batch, ctx.mesh))
+        out = reference_step(params, global_batch(batch, ctx.mesh))
         for name, values in out.items():
             full = np.asarray(
                 jax.experimental.multihost_utils.process_allgather(values, tiled=True)
@@ -197,7 +223,7 @@ def evaluate(
     count = 0.0
     for _, batch in loader.iterate():
         valid = _global_valid(batch.pop("valid")).astype(np.float64)
-        batch = _global(batch, ctx.mesh)
+        batch = global_batch(batch, ctx.mesh)
         if reference_step is not None:
             batch.update(reference_step(reference_params, batch))
         rows = jax.device_get(eval_step(params, batch, coeffs))
@@ -294,13 +320,7 @@ class StageLoop:
         )
         epochs_steps = math.ceil(self.train.epochs * self.loader.steps_per_epoch)
         self.total_steps = self.train.max_steps or max(1, epochs_steps)
-        self.optimizer = make_optimizer(
-            self.total_steps,
-            warmup_ratio=self.train.warmup_ratio,
-            weight_decay=self.train.weight_decay,
-            max_grad_norm=self.train.max_grad_norm,
-            moments_dtype=self.train.adam_dtype,
-        )
+        self.optimizer = stage_optimizer(self.train, self.total_steps)
         self.graphdef, self.params = split_model(start)
         self.model_config = start.config
         self.objective = objectives.build_objective(
@@ -343,7 +363,7 @@ class StageLoop:
 
     def global_batch(self, batch: dict) -> dict:
         accum = self.train.grad_accum
-        placed = _global(batch, self.ctx.mesh, accum)
+        placed = global_batch(batch, self.ctx.mesh, accum)
         if self.reference_step is not None:
             placed.update(_reference_for(self.reference_step, self.reference_params, placed, accum))
         return placed
@@ -420,14 +440,8 @@ class StageLoop:
         """Log (and NaN-check: a non-finite loss stops before any further save)."""
         metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
         if not math.isfinite(metrics["loss"]):
-            self.checkpointer.close()
             progress.close()
-            last = self.checkpointer.latest_step()
-            raise TrainingError(
-                f"[{self.stage.name}] loss is {metrics['loss']} at step {done}: stopped; the last "
-                f"good checkpoint (step {last}) is in {self.checkpointer.directory}; lower the "
-                "learning rate or check the data, then rerun to resume from it"
-            )
+            stop_on_non_finite_loss(self.stage.name, metrics["loss"], done, self.checkpointer)
         schedule = schedule_shape(self.total_steps, self.train.warmup_ratio)
         metrics["learning_rate"] = float(self.coeffs["learning_rate"]) * float(schedule(done - 1))
         metrics.update(meter.read(done))
