@@ -7,6 +7,8 @@ is the sum over the positions where loss_mask is 1 (the completion, EOS included
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import jax
 import jax.numpy as jnp
 
@@ -28,3 +30,33 @@ def sequence_logps(
     """(sum of completion-token log-probs, number of completion tokens), each [batch]."""
     mask = loss_mask[:, 1:].astype(jnp.float32)
     return jnp.sum(token_logprobs(logits, input_ids) * mask, axis=-1), jnp.sum(mask, axis=-1)
+
+
+class CompletionLogps(NamedTuple):
+    """Per-row statistics of a row's completion tokens (positions where loss_mask is 1).
+
+    logps:       sum of log p(token) over the completion, [batch] float32
+    counts:      number of completion tokens, [batch] float32
+    mean_logits: mean over completion positions of the mean logit over the vocabulary
+                 (TRL's ``logits/chosen`` metric), [batch] float32
+    """
+
+    logps: jax.Array
+    counts: jax.Array
+    mean_logits: jax.Array
+
+
+def completion_logps(
+    model, input_ids: jax.Array, attention_mask: jax.Array, loss_mask: jax.Array
+) -> CompletionLogps:
+    """The completion statistics of each row under a causal LM ``model``.
+
+    The one place objectives, reference passes and scoring turn a model and tokens into
+    log-probs, so how the logits are formed (all at once, or in chunks) is decided here.
+    """
+    logits = model(input_ids, attention_mask)
+    logps, counts = sequence_logps(logits, input_ids, loss_mask)
+    mask = loss_mask[:, 1:].astype(jnp.float32)
+    per_token = jnp.mean(logits[:, :-1], axis=-1)
+    mean_logits = jnp.sum(per_token * mask, axis=-1) / jnp.maximum(counts, 1.0)
+    return CompletionLogps(logps, counts, mean_logits)

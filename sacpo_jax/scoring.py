@@ -17,7 +17,7 @@ import numpy as np
 from flax import nnx
 
 from sacpo_jax.data.tokenize import pack, tokenize_prompt_completion, truncate
-from sacpo_jax.logprobs import sequence_logps
+from sacpo_jax.logprobs import completion_logps
 from sacpo_jax.models.llama import Llama
 
 SCORING_BATCH = 16
@@ -72,7 +72,7 @@ def _per_row(graphdef, params, ids, mask, loss_mask):
     model = nnx.merge(graphdef, params)
     if model.config.score_model:
         return model(ids, mask)
-    return sequence_logps(model(ids, mask), ids, loss_mask)[0]
+    return completion_logps(model, ids, mask, loss_mask).logps
 
 
 def _map_rows(model: Llama, tokenizer: Any, prompts, responses, template, max_length) -> np.ndarray:

@@ -19,7 +19,7 @@ import jax
 import jax.numpy as jnp
 
 from sacpo_jax import losses
-from sacpo_jax.logprobs import sequence_logps
+from sacpo_jax.logprobs import completion_logps
 from sacpo_jax.models.llama import Llama
 
 Objective = Callable[[Llama, dict, dict], tuple[jax.Array, dict, dict]]
@@ -32,19 +32,10 @@ def _concat(batch: dict, first: str, second: str) -> tuple[jax.Array, ...]:
     )
 
 
-def _mean_completion_logit(logits: jax.Array, loss_mask: jax.Array) -> jax.Array:
-    """Per row: mean over completion positions of the mean logit over the vocabulary."""
-    mask = loss_mask[:, 1:].astype(jnp.float32)
-    per_token = jnp.mean(logits[:, :-1], axis=-1)
-    return jnp.sum(per_token * mask, axis=-1) / jnp.maximum(jnp.sum(mask, axis=-1), 1.0)
-
-
 def policy_pair_logps(model: Llama, batch: dict) -> dict[str, jax.Array]:
     """Chosen and rejected in ONE forward over the concatenated [2B] batch."""
     ids, mask, loss_mask = _concat(batch, "chosen", "rejected")
-    logits = model(ids, mask)
-    logps, counts = sequence_logps(logits, ids, loss_mask)
-    mean_logits = _mean_completion_logit(logits, loss_mask)
+    logps, counts, mean_logits = completion_logps(model, ids, mask, loss_mask)
     n = batch["chosen_input_ids"].shape[0]
     return {
         "chosen_logps": logps[:n],
@@ -101,7 +92,7 @@ def kto_objective(model: Llama, batch: dict, coeffs: dict):
     ids = jnp.concatenate([batch["input_ids"], batch["kl_input_ids"]])
     mask = jnp.concatenate([batch["attention_mask"], batch["kl_attention_mask"]])
     loss_mask = jnp.concatenate([batch["loss_mask"], batch["kl_loss_mask"]])
-    logps, _ = sequence_logps(model(ids, mask), ids, loss_mask)
+    logps = completion_logps(model, ids, mask, loss_mask).logps
     n = batch["input_ids"].shape[0]
     kl = losses.kto_kl_estimate(logps[n:], batch["reference_kl_logps"])
     per_example, rewards = losses.kto_loss(
@@ -132,7 +123,7 @@ def _masked_mean(values: jax.Array, mask: jax.Array) -> jax.Array:
 def sft_objective(model: Llama, batch: dict, coeffs: dict):
     """Mean negative log-likelihood per completion token."""
     ids, mask, loss_mask = batch["input_ids"], batch["attention_mask"], batch["loss_mask"]
-    logps, counts = sequence_logps(model(ids, mask), ids, loss_mask)
+    logps, counts, _ = completion_logps(model, ids, mask, loss_mask)
     loss = losses.sft_loss(logps, counts)
     return loss, {"nll": loss}, {"nll_sum": -logps, "tokens": counts}
 
@@ -215,8 +206,11 @@ def reference_logps(model: Llama, batch: dict, kind: str) -> dict[str, jax.Array
     if kind == "kto":
         out = {}
         for prefix, name in (("", "reference_logps"), ("kl_", "reference_kl_logps")):
-            ids = batch[f"{prefix}input_ids"]
-            logits = model(ids, batch[f"{prefix}attention_mask"])
-            out[name] = sequence_logps(logits, ids, batch[f"{prefix}loss_mask"])[0]
+            out[name] = completion_logps(
+                model,
+                batch[f"{prefix}input_ids"],
+                batch[f"{prefix}attention_mask"],
+                batch[f"{prefix}loss_mask"],
+            ).logps
         return out
     return {}
