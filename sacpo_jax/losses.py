@@ -3,7 +3,7 @@
 Every function here is plain `jax.numpy`, safe under `jax.jit`, and takes
 its coefficients (beta, label smoothing, KTO weights) as ordinary values
 that may be traced JAX scalars: changing them never recompiles. Only the
-DPO `loss_type` is static (a Python string).
+DPO `loss_type` is static: a key of ``PAIR_LOSSES``.
 
 Notation, per example in a batch of B:
   pi_c, pi_r   summed completion log-probs of the chosen / rejected answer
@@ -16,31 +16,115 @@ Metric names follow TRL ("rewards/chosen", "logps/chosen", ...).
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, NamedTuple
+
 import jax
 import jax.numpy as jnp
 from jax.typing import ArrayLike
-
-DPO_LOSS_TYPES = ("sigmoid", "robust", "hinge", "ipo")
 
 
 class LossConfigError(ValueError):
     """A loss was asked for with an unknown type or inconsistent arguments."""
 
 
+class PairLogps(NamedTuple):
+    """Summed completion log-probs of B pairs under the policy and the reference, and the
+    completions' token counts (each [B])."""
+
+    policy_chosen: jax.Array
+    policy_rejected: jax.Array
+    reference_chosen: jax.Array
+    reference_rejected: jax.Array
+    chosen_lengths: jax.Array
+    rejected_lengths: jax.Array
+
+    @property
+    def chosen_logratios(self) -> jax.Array:
+        return self.policy_chosen - self.reference_chosen
+
+    @property
+    def rejected_logratios(self) -> jax.Array:
+        return self.policy_rejected - self.reference_rejected
+
+    @property
+    def delta(self) -> jax.Array:
+        """(pi_c - ref_c) - (pi_r - ref_r)."""
+        return self.chosen_logratios - self.rejected_logratios
+
+
+@dataclass(frozen=True)
+class PairLoss:
+    """One DPO-family loss: ``loss(pairs: PairLogps, coeffs) -> [B]`` per-pair losses.
+
+    ``coeffs`` carries ``beta`` and, where ``uses_label_smoothing``, ``label_smoothing``
+    (traced scalars). ``needs_lengths``: the loss reads the completion token counts.
+    """
+
+    loss: Callable[[PairLogps, Any], jax.Array]
+    uses_label_smoothing: bool = False
+    needs_lengths: bool = False
+
+
+def _sigmoid(p: PairLogps, c) -> jax.Array:
+    """-(1 - eps) log sigmoid(beta d) - eps log sigmoid(-beta d) (eps > 0: cDPO)."""
+    z = c.beta * p.delta
+    return -(1.0 - c.label_smoothing) * jax.nn.log_sigmoid(z) - c.label_smoothing * (
+        jax.nn.log_sigmoid(-z)
+    )
+
+
+def _robust(p: PairLogps, c) -> jax.Array:
+    """[-(1 - eps) log sigmoid(beta d) + eps log sigmoid(-beta d)] / (1 - 2 eps)."""
+    z, eps = c.beta * p.delta, c.label_smoothing
+    return (-(1.0 - eps) * jax.nn.log_sigmoid(z) + eps * jax.nn.log_sigmoid(-z)) / (1.0 - 2 * eps)
+
+
+def _hinge(p: PairLogps, c) -> jax.Array:
+    """relu(1 - beta d)."""
+    return jax.nn.relu(1.0 - c.beta * p.delta)
+
+
+def _ipo(p: PairLogps, c) -> jax.Array:
+    """(d_avg - 1/(2 beta))^2, each log-ratio divided by its completion's token count."""
+    chosen_tokens = jnp.maximum(p.chosen_lengths, 1)
+    rejected_tokens = jnp.maximum(p.rejected_lengths, 1)
+    delta_avg = p.chosen_logratios / chosen_tokens - p.rejected_logratios / rejected_tokens
+    return (delta_avg - 1.0 / (2.0 * c.beta)) ** 2
+
+
+PAIR_LOSSES: dict[str, PairLoss] = {
+    "sigmoid": PairLoss(_sigmoid, uses_label_smoothing=True),
+    "robust": PairLoss(_robust, uses_label_smoothing=True),
+    "hinge": PairLoss(_hinge),
+    "ipo": PairLoss(_ipo, needs_lengths=True),
+}
+"""The DPO family by TRL's ``loss_type`` names: a new loss is its function plus one entry."""
+
+
+class _DpoCoefficients(NamedTuple):
+    beta: ArrayLike
+    label_smoothing: ArrayLike
+
+
 def _check_dpo_arguments(loss_type: str, label_smoothing, chosen_lengths, rejected_lengths):
     """Reject bad static choices early; traced coefficients cannot be checked."""
-    if loss_type not in DPO_LOSS_TYPES:
+    if loss_type not in PAIR_LOSSES:
         raise LossConfigError(
-            f"unknown DPO loss_type {loss_type!r}; valid names: {', '.join(DPO_LOSS_TYPES)}"
+            f"unknown DPO loss_type {loss_type!r}; valid names: {', '.join(PAIR_LOSSES)}"
         )
-    if loss_type == "ipo" and (chosen_lengths is None or rejected_lengths is None):
+    pair_loss = PAIR_LOSSES[loss_type]
+    if pair_loss.needs_lengths and (chosen_lengths is None or rejected_lengths is None):
         raise LossConfigError(
-            "DPO loss_type 'ipo' is length-normalised: pass chosen_lengths and rejected_lengths"
+            f"DPO loss_type {loss_type!r} is length-normalised: pass chosen_lengths and "
+            "rejected_lengths"
         )
     if isinstance(label_smoothing, (int, float)):
-        if loss_type in ("hinge", "ipo") and label_smoothing != 0:
+        if not pair_loss.uses_label_smoothing and label_smoothing != 0:
+            users = [name for name, loss in PAIR_LOSSES.items() if loss.uses_label_smoothing]
             raise LossConfigError(
-                f"label_smoothing applies only to 'sigmoid' (cDPO) and 'robust', not {loss_type!r}"
+                f"label_smoothing applies only to {', '.join(map(repr, users))}, not {loss_type!r}"
             )
         if not 0.0 <= label_smoothing < 0.5:
             raise LossConfigError(f"label_smoothing must lie in [0, 0.5), got {label_smoothing}")
@@ -74,7 +158,7 @@ def dpo_loss(
                  1 are treated as 1). Both length arrays are required.
 
     eps must lie in [0, 0.5); it is checked when given as a Python number, and
-    a non-zero Python eps with "hinge" or "ipo" is an error (a traced eps is
+    a non-zero Python eps with a loss that ignores it is an error (a traced eps is
     simply unused there).
 
     Implicit rewards (always on un-normalised log-probs, like TRL, and with
@@ -84,31 +168,30 @@ def dpo_loss(
     Returns (losses, chosen_rewards, rejected_rewards), each of shape [B].
     """
     _check_dpo_arguments(loss_type, label_smoothing, chosen_lengths, rejected_lengths)
-    chosen_logratios = jnp.asarray(policy_chosen_logps) - jnp.asarray(reference_chosen_logps)
-    rejected_logratios = jnp.asarray(policy_rejected_logps) - jnp.asarray(reference_rejected_logps)
-    delta = chosen_logratios - rejected_logratios
-    eps = label_smoothing
-
-    if loss_type == "sigmoid":
-        losses = -(1.0 - eps) * jax.nn.log_sigmoid(beta * delta) - eps * jax.nn.log_sigmoid(
-            -beta * delta
-        )
-    elif loss_type == "robust":
-        losses = (
-            -(1.0 - eps) * jax.nn.log_sigmoid(beta * delta)
-            + eps * jax.nn.log_sigmoid(-beta * delta)
-        ) / (1.0 - 2.0 * eps)
-    elif loss_type == "hinge":
-        losses = jax.nn.relu(1.0 - beta * delta)
-    else:  # "ipo"
-        chosen_tokens = jnp.maximum(jnp.asarray(chosen_lengths), 1)
-        rejected_tokens = jnp.maximum(jnp.asarray(rejected_lengths), 1)
-        delta_avg = chosen_logratios / chosen_tokens - rejected_logratios / rejected_tokens
-        losses = (delta_avg - 1.0 / (2.0 * beta)) ** 2
-
-    chosen_rewards = jax.lax.stop_gradient(beta * chosen_logratios)
-    rejected_rewards = jax.lax.stop_gradient(beta * rejected_logratios)
+    pairs = PairLogps(
+        *(
+            jnp.asarray(x)
+            for x in (
+                policy_chosen_logps,
+                policy_rejected_logps,
+                reference_chosen_logps,
+                reference_rejected_logps,
+            )
+        ),
+        chosen_lengths=None if chosen_lengths is None else jnp.asarray(chosen_lengths),
+        rejected_lengths=None if rejected_lengths is None else jnp.asarray(rejected_lengths),
+    )
+    losses = PAIR_LOSSES[loss_type].loss(pairs, _DpoCoefficients(beta, label_smoothing))
+    chosen_rewards, rejected_rewards = implicit_rewards(pairs, beta)
     return losses, chosen_rewards, rejected_rewards
+
+
+def implicit_rewards(pairs: PairLogps, beta: ArrayLike) -> tuple[jax.Array, jax.Array]:
+    """beta * (pi_c - ref_c) and beta * (pi_r - ref_r), without gradient (for logging)."""
+    return (
+        jax.lax.stop_gradient(beta * pairs.chosen_logratios),
+        jax.lax.stop_gradient(beta * pairs.rejected_logratios),
+    )
 
 
 def kto_kl_estimate(

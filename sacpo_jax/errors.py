@@ -1,0 +1,22 @@
+"""The one error boundary: every problem a user can cause or fix is a ``SacpoError``.
+
+Its message is a single line that names what is wrong and where (file, row, field,
+tensor, stage). Each area has its own subclass beside its code (``ConfigError``,
+``DataError``, ``CheckpointError`` ...); the command lines catch ``SacpoError`` once,
+print the line and exit with ``exit_code``. Anything else is a bug and keeps its
+traceback.
+"""
+
+from __future__ import annotations
+
+
+class SacpoError(Exception):
+    """A problem the user can fix; ``str()`` is one line. Exit code 2 (bad input)."""
+
+    exit_code = 2
+
+
+class RunFailure(SacpoError):
+    """A run that started correctly and cannot go on (e.g. a non-finite loss). Exit 1."""
+
+    exit_code = 1
