@@ -11,7 +11,7 @@ setup(
     long_description=Path(__file__).with_name("README.md").read_text(encoding="utf-8"),
     long_description_content_type="text/markdown",
     packages=find_packages(include=["sacpo_jax", "sacpo_jax.*"]),
-    package_data={"sacpo_jax": ["assets/*", "assets/**/*"]},
+    package_data={"sacpo_jax": ["configs/*.yaml"]},
     include_package_data=True,
     python_requires=">=3.10",
     install_requires=[
@@ -32,7 +32,7 @@ setup(
         "tensorboardX",
     ],
     extras_require={
-        "test": ["pytest", "ruff", "sentencepiece", "mistral-common", "protobuf"],
+        "test": ["pytest", "ruff", "import-linter", "sentencepiece", "mistral-common", "protobuf"],
         "torch": ["torch==2.13.0"],
         "tfds": ["tensorflow-datasets", "array_record"],
         "wandb": ["wandb"],

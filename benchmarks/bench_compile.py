@@ -28,8 +28,8 @@ def compile_step(layers: int, scan_layers: bool, remat: bool) -> dict:
     from sacpo_jax import parallel
     from sacpo_jax.models.llama import Llama, LlamaConfig
     from sacpo_jax.training import objectives
-    from sacpo_jax.training import step as steps
-    from sacpo_jax.training.state import create_state, make_optimizer
+    from sacpo_jax.training.loop import Trainer
+    from sacpo_jax.training.optim import make_optimizer
 
     config = LlamaConfig(
         vocab_size=32000,
@@ -47,24 +47,16 @@ def compile_step(layers: int, scan_layers: bool, remat: bool) -> dict:
     mesh = parallel.make_mesh(devices=jax.devices()[:1])
     graphdef, params = nnx.split(nnx.eval_shape(lambda: Llama(config, rngs=nnx.Rngs(0))))
     params = nnx.to_pure_dict(params)
-    optimizer = make_optimizer(1000)
-    state = jax.eval_shape(lambda p: create_state(p, optimizer, 0), params)
+    objective = objectives.dpo("sigmoid", objectives.DpoCoefficients(1e-5, 0.1))
+    trainer = Trainer(objective, graphdef, config, make_optimizer(1000), mesh)
+    state = trainer.abstract_state(params)
     tokens = jax.ShapeDtypeStruct((1, 512), jnp.int32)
     logps = jax.ShapeDtypeStruct((1,), jnp.float32)
     batch = {f"{side}_{name}": tokens for side in ("chosen", "rejected")
              for name in ("input_ids", "attention_mask", "loss_mask")}  # fmt: skip
     batch.update(reference_chosen_logps=logps, reference_rejected_logps=logps)
-    coeffs = steps.coefficient_arrays({"learning_rate": 1e-5, "beta": 0.1})
-    train_step = steps.make_train_step(
-        graphdef,
-        objectives.build_objective("dpo"),
-        optimizer,
-        state_shardings=parallel.state_shardings(state, mesh),
-        batch_shardings=steps.batch_shardings(mesh, batch),
-        mesh=mesh,
-    )
     started = time.perf_counter()
-    lowered = train_step.lower(state, batch, coeffs)
+    lowered = trainer.lower(state, batch)
     lowered_at = time.perf_counter()
     lowered.compile()
     done = time.perf_counter()

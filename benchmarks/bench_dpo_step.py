@@ -73,7 +73,9 @@ def measure(args) -> dict:
     from sacpo_jax.models.llama import LlamaConfig
     from sacpo_jax.training import objectives
     from sacpo_jax.training import step as steps
-    from sacpo_jax.training.state import create_state, make_optimizer, split_model
+    from sacpo_jax.training.loop import Trainer
+    from sacpo_jax.training.optim import make_optimizer
+    from sacpo_jax.training.state import split_model
 
     mesh = parallel.make_mesh(1, 1, 1, devices=jax.devices()[:1])
     architecture = LlamaConfig(
@@ -88,7 +90,7 @@ def measure(args) -> dict:
     model = init_model(architecture, mesh, seed=0)
     graphdef, params = split_model(model)
     del model
-    reference_step = steps.make_reference_step(graphdef, "dpo")
+    reference_step = steps.make_reference_step(graphdef, objectives.PAIR_REFERENCE)
     batches = [_place(random_pairs(args, seed)) for seed in range(args.steps + 2)]
     reference_seconds = reference_params = None
     if args.mode == "precompute":
@@ -98,29 +100,17 @@ def measure(args) -> dict:
         outs = [jax.block_until_ready(reference_step(params, batch)) for batch in batches]
         reference_seconds = (time.perf_counter() - start) / len(batches)
         batches = [{**batch, **out} for batch, out in zip(batches, outs)]
-        example = batches[0]
     else:
         reference_params = jax.tree.map(lambda x: x.copy(), params)  # the frozen copy
-        example = {**batches[0], **reference_step(reference_params, batches[0])}
-    optimizer = make_optimizer(1000)
-    init = jax.jit(lambda p: create_state(p, optimizer, seed=0))
-    shardings = parallel.state_shardings(jax.eval_shape(init, params), mesh)
-    state = jax.jit(init, out_shardings=shardings, donate_argnums=0)(params)
+    objective = objectives.dpo("sigmoid", objectives.DpoCoefficients(1e-5, 0.1))
+    trainer = Trainer(objective, graphdef, architecture, make_optimizer(1000), mesh)
+    state = trainer.fresh_state(params)
     del params
-    coeffs = steps.coefficient_arrays({"learning_rate": 1e-5, "beta": 0.1})
-    train_step = steps.make_train_step(
-        graphdef,
-        objectives.build_objective("dpo"),
-        optimizer,
-        state_shardings=shardings,
-        batch_shardings=steps.batch_shardings(mesh, example),
-        mesh=mesh,
-    )
 
     def one_step(state, batch):
         if args.mode == "on_the_fly":
             batch = {**batch, **reference_step(reference_params, batch)}
-        return train_step(state, batch, coeffs)
+        return trainer.step(state, batch)
 
     for batch in batches[:2]:  # compile and warm up
         state, metrics = jax.block_until_ready(one_step(state, batch))

@@ -25,8 +25,9 @@ from sacpo_jax import flops, parallel
 from sacpo_jax.models.init import init_model
 from sacpo_jax.models.llama import LlamaConfig
 from sacpo_jax.training import objectives
-from sacpo_jax.training import step as steps
-from sacpo_jax.training.state import create_state, make_optimizer, split_model
+from sacpo_jax.training.loop import Trainer
+from sacpo_jax.training.optim import make_optimizer
+from sacpo_jax.training.state import split_model
 
 
 def parse_args() -> argparse.Namespace:
@@ -63,10 +64,9 @@ def main() -> None:
     )
     mesh = parallel.make_mesh()
     graphdef, params = split_model(init_model(config, mesh))
-    optimizer = make_optimizer(1000, warmup_ratio=0.0)
-    abstract = jax.eval_shape(lambda p: create_state(p, optimizer, 0), params)
-    shardings = parallel.state_shardings(abstract, mesh)
-    state = jax.jit(lambda p: create_state(p, optimizer, 0), out_shardings=shardings)(params)
+    objective = objectives.dpo("sigmoid", objectives.DpoCoefficients(1e-6, 0.1))
+    trainer = Trainer(objective, graphdef, config, make_optimizer(1000, warmup_ratio=0.0), mesh)
+    state = trainer.fresh_state(params)
     del params
     rng = np.random.default_rng(0)
     batch = {}
@@ -78,21 +78,11 @@ def main() -> None:
         batch[f"{side}_attention_mask"] = np.ones_like(ids)
         batch[f"{side}_loss_mask"] = loss_mask
         batch[f"reference_{side}_logps"] = rng.normal(-500, 10, args.pairs).astype(np.float32)
-    batch_shardings = steps.batch_shardings(mesh, batch)
-    batch = {k: jax.device_put(v, batch_shardings[k]) for k, v in batch.items()}
-    train_step = steps.make_train_step(
-        graphdef,
-        objectives.build_objective("dpo"),
-        optimizer,
-        state_shardings=shardings,
-        batch_shardings=batch_shardings,
-        mesh=mesh,
-    )
-    coeffs = steps.coefficient_arrays({"learning_rate": 1e-6, "beta": 0.1})
+    batch = parallel.global_batch(batch, mesh)
     times = []
     for i in range(args.warmup + args.steps):
         started = time.perf_counter()
-        state, metrics = train_step(state, batch, coeffs)
+        state, metrics = trainer.step(state, batch)
         jax.block_until_ready(metrics["loss"])
         if i >= args.warmup:
             times.append(time.perf_counter() - started)

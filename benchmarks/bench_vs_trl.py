@@ -95,20 +95,21 @@ def ours(args, model_path: str, on_the_fly: bool) -> dict:
     from sacpo_jax.models import hf
     from sacpo_jax.training import objectives
     from sacpo_jax.training import step as steps
-    from sacpo_jax.training.state import create_state, make_optimizer, split_model
+    from sacpo_jax.training.loop import Trainer
+    from sacpo_jax.training.optim import make_optimizer
+    from sacpo_jax.training.state import split_model
 
     tokenizer = make_tokenizer()
     pairs = make_pairs(args.batch * (args.warmup + args.steps), args.prompt, args.completion)
     mesh = parallel.make_mesh()
     model = hf.load_checkpoint(model_path, mesh=mesh)
     graphdef, params = split_model(model)
+    objective = objectives.dpo("sigmoid", objectives.DpoCoefficients(1e-6, 0.1))
     optimizer = make_optimizer(1000, warmup_ratio=0.0)
-    state = jax.jit(create_state, static_argnums=(1, 2))(params, optimizer, 0)
-    shardings = parallel.state_shardings(jax.eval_shape(lambda: state), mesh)
-    reference_step = steps.make_reference_step(graphdef, "dpo")
+    trainer = Trainer(objective, graphdef, model.config, optimizer, mesh)
+    state = trainer.fresh_state(params)
+    reference_step = steps.make_reference_step(graphdef, objectives.PAIR_REFERENCE)
     reference_params = split_model(model)[1] if on_the_fly else None
-    objective = objectives.build_objective("dpo")
-    coeffs = steps.coefficient_arrays({"learning_rate": 1e-6, "beta": 0.1})
 
     def batch_at(i):
         rows = pairs[i * args.batch : (i + 1) * args.batch]
@@ -144,21 +145,12 @@ def ours(args, model_path: str, on_the_fly: bool) -> dict:
             if i >= args.warmup:
                 reference_seconds += time.perf_counter() - started
             batch.update({k: np.asarray(v) for k, v in out.items()})
-    reference_columns = {name: np.zeros(args.batch) for name in objectives.reference_columns("dpo")}
-    train_step = steps.make_train_step(
-        graphdef,
-        objective,
-        optimizer,
-        state_shardings=shardings,
-        batch_shardings=steps.batch_shardings(mesh, {**batches[0], **reference_columns}),
-        mesh=mesh,
-    )
     times = []
     for i, batch in enumerate(batches):
         started = time.perf_counter()
         if on_the_fly:
             batch = {**batch, **reference_step(reference_params, batch)}
-        state, metrics = train_step(state, batch, coeffs)
+        state, metrics = trainer.step(state, parallel.global_batch(batch, mesh))
         jax.block_until_ready(metrics["loss"])
         if i >= args.warmup:
             times.append(time.perf_counter() - started)

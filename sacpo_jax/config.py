@@ -1,8 +1,11 @@
 """The typed schema of a run: YAML plus ``key.path=value`` overrides, validated by pydantic.
 
-A run is a model, a tokenizer, a mesh and a chain of stages. Every error is one line:
-an unknown key names itself and the nearest valid key, a wrong type names the key and
-the expected type, a missing file names the path.
+A run is a model, a tokenizer, a mesh and a chain of stages. Each stage kind is its own
+class and accepts only its own fields. Every error is one line: an unknown key names
+itself and the nearest valid key, a wrong type names the key and the expected type, a
+missing file names the path, and cross-field problems (an adapter that does not fit the
+stage kind, a loss option its loss ignores, a stage named before it exists, a NaN) are
+caught here, before anything is computed.
 
     python -m sacpo_jax.train --config configs/demo.yaml stages.dpo_h.beta=0.2 seed=1
 
@@ -16,23 +19,28 @@ from __future__ import annotations
 import difflib
 import os
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, ClassVar, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from sacpo_jax.data.adapters import ADAPTERS, PAIR, PKU_TEMPLATE, SCORE_PAIR, SFT, UNPAIRED
 from sacpo_jax.data.spec import DataSpec, SourceSpec
+from sacpo_jax.data.tokenize import BUNDLED_TOKENIZER
+from sacpo_jax.errors import SacpoError
+from sacpo_jax.losses import PAIR_LOSSES
+from sacpo_jax.models.hf import is_hub_id
 
-BUNDLED_TOKENIZER = "bundled:oracle"
-PKU_TEMPLATE = "BEGINNING OF CONVERSATION: USER: {prompt} ASSISTANT:"
+INITIAL = "initial"
+"""The name of the run's first model (``model:``) in the chain."""
 
 
-class ConfigError(ValueError):
+class ConfigError(SacpoError, ValueError):
     """An invalid configuration; the message is one line."""
 
 
 class Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
 
 class MeshConfig(Strict):
@@ -71,8 +79,6 @@ class ModelConfig(Strict):
     @field_validator("path")
     @classmethod
     def _exists(cls, path: str | None) -> str | None:
-        from sacpo_jax.models.hf import is_hub_id
-
         if path is None or is_hub_id(path):
             return path
         if not os.path.isfile(os.path.join(path, "config.json")):
@@ -95,8 +101,6 @@ class TokenizerConfig(Strict):
     @field_validator("path")
     @classmethod
     def _exists(cls, path: str | None) -> str | None:
-        from sacpo_jax.models.hf import is_hub_id
-
         if path in (None, BUNDLED_TOKENIZER) or is_hub_id(path):
             return path
         if not os.path.exists(path):
@@ -128,58 +132,126 @@ class TrainConfig(Strict):
     eval_batch_size: int | None = Field(None, gt=0)
 
 
+# ----------------------------------------------------------------------------- stages
+
+_ROWS = {
+    PAIR: "pairs",
+    SCORE_PAIR: "scored pairs",
+    UNPAIRED: "unpaired labelled rows",
+    SFT: "prompt-response rows",
+}
+
+
 class StageBase(Strict):
+    """A named step of the chain. ``yields_policy``: its result is a causal LM (so an
+    evaluate stage with ``models: all`` generates with it)."""
+
     name: str
-    start: str = "previous"
-    train: TrainConfig = TrainConfig()
+    yields_policy: ClassVar[bool] = True
 
     @field_validator("name")
     @classmethod
     def _plain_name(cls, name: str) -> str:
-        if not name or any(c in name for c in "/\\ "):
-            raise ValueError(f"stage name {name!r} must be non-empty without '/', '\\' or spaces")
+        if not name or name.startswith(".") or any(c in name for c in "/\\ "):
+            raise ValueError(
+                f"stage name {name!r} must be non-empty, not start with '.', and have no "
+                "'/', '\\' or spaces"
+            )
         return name
 
+    def sources(self) -> list[str]:
+        """Names (stages, directories or hub ids) of the models this stage reads."""
+        return []
 
-class SftStage(StageBase):
+    def swept(self) -> tuple[str, list[float]] | None:
+        """(field, values) when the stage fans out into one stage per value."""
+        return None
+
+    def resolve(self, previous: str | None, earlier: list[StageBase]) -> StageBase:
+        """This stage with chain-relative names made concrete (``previous``: the last
+        model-producing stage before it, None right after a sweep)."""
+        return self
+
+
+class TrainedStage(StageBase):
+    """A stage that trains a model from ``start`` ("previous", an earlier stage or an
+    HF directory) on ``data``, whose adapter must make one of ``batch_kinds``."""
+
+    start: str = "previous"
+    train: TrainConfig = TrainConfig()
+    data: DataSpec
+    batch_kinds: ClassVar[tuple[str, ...]] = ()
+
+    @model_validator(mode="after")
+    def _adapters_fit(self) -> TrainedStage:
+        for key in ("data", "eval_data"):
+            spec = getattr(self, key, None)
+            if spec is not None and ADAPTERS[spec.adapter].kind not in self.batch_kinds:
+                kind = type(self).model_fields["kind"].annotation.__args__[0]
+                wanted = " or ".join(_ROWS[k] for k in self.batch_kinds)
+                raise ValueError(
+                    f"{key}.adapter '{spec.adapter}' does not make {wanted}, which a {kind} "
+                    f"stage trains on (it makes {_ROWS[ADAPTERS[spec.adapter].kind]})"
+                )
+        return self
+
+    def sources(self) -> list[str]:
+        return [self.start]
+
+    def resolve(self, previous: str | None, earlier: list[StageBase]) -> TrainedStage:
+        if self.start != "previous":
+            return self
+        if previous is None:
+            raise ValueError(
+                f"stage '{self.name}' follows a sweep: name its start explicitly (one of the "
+                "swept stages, e.g. start: NAME@beta=0.1)"
+            )
+        return self.model_copy(update={"start": previous})
+
+
+class SupervisedStage(TrainedStage):
+    """A trained stage with one objective and an optional held-out ``eval_data``."""
+
+    eval_data: DataSpec | None = None
+
+
+class SftStage(SupervisedStage):
+    """Supervised fine-tuning on {prompt, response}: mean NLL per completion token."""
+
     kind: Literal["sft"]
-    data: DataSpec
-    eval_data: DataSpec | None = None
+    batch_kinds: ClassVar[tuple[str, ...]] = (SFT,)
 
 
-class ScoreStage(StageBase):
-    """A reward (Bradley-Terry) or cost (safe-rlhf cost loss) model from preference pairs.
+class RewardStage(SupervisedStage):
+    """A reward model (Bradley-Terry on better/worse pairs). ``start``: "previous" (a
+    causal LM whose backbone gets a new score head), an earlier stage or an HF directory."""
 
-    ``start``: "previous" (a causal LM whose backbone is reused with a new score head),
-    an earlier stage, or an HF directory.
-    """
-
-    kind: Literal["reward", "cost"]
-    data: DataSpec
-    eval_data: DataSpec | None = None
+    kind: Literal["reward"]
+    batch_kinds: ClassVar[tuple[str, ...]] = (PAIR, SCORE_PAIR)
+    yields_policy: ClassVar[bool] = False
 
 
-class PreferenceStage(StageBase):
-    """DPO-family or KTO against a frozen reference.
+class CostStage(SupervisedStage):
+    """A cost model: safe-rlhf's cost loss on safer/unsafer pairs with safety signs
+    (the ``pku_cost`` adapter)."""
 
-    ``reference``: "start" (the stage's own starting model: SACPO's realignment),
-    an earlier stage's name, or an HF directory. ``beta`` may be a list: the stage
-    fans out into one run per value (a beta/lambda sweep), each from the same start.
-    ``rpo_alpha``: weight of an added chosen-response NLL term (TRL's RPO; 0 = plain DPO).
+    kind: Literal["cost"]
+    batch_kinds: ClassVar[tuple[str, ...]] = (SCORE_PAIR,)
+    yields_policy: ClassVar[bool] = False
+
+
+class ReferencedStage(SupervisedStage):
+    """Training against a frozen reference.
+
+    ``reference``: "start" (the stage's own starting model: SACPO's realignment), an
+    earlier stage's name, or an HF directory. ``beta`` may be a list: the stage fans out
+    into one run per value (a beta/lambda sweep), each from the same start.
     ``reference_mode``: "precompute" (one pass before training, cached; only the policy
     is in memory while training) or "on_the_fly" (a frozen copy scores every batch).
     """
 
-    kind: Literal["dpo", "kto"]
-    data: DataSpec
-    eval_data: DataSpec | None = None
     reference: str = "start"
     beta: float | list[float] = 0.1
-    loss_type: Literal["sigmoid", "robust", "hinge", "ipo"] = "sigmoid"
-    label_smoothing: float = Field(0.0, ge=0, lt=0.5)
-    rpo_alpha: float = Field(0.0, ge=0)
-    desirable_weight: float = Field(1.0, gt=0)
-    undesirable_weight: float | Literal["balanced"] = 1.0
     reference_mode: Literal["precompute", "on_the_fly"] = "precompute"
 
     @field_validator("beta")
@@ -190,8 +262,58 @@ class PreferenceStage(StageBase):
             raise ValueError("beta must be > 0 (or a non-empty list of values > 0)")
         return beta
 
+    def sources(self) -> list[str]:
+        return [self.start] + ([] if self.reference == "start" else [self.reference])
 
-class MergeStage(Strict):
+    def swept(self) -> tuple[str, list[float]] | None:
+        return ("beta", self.beta) if isinstance(self.beta, list) else None
+
+
+class DpoStage(ReferencedStage):
+    """DPO family (``loss_type``: a key of ``losses.PAIR_LOSSES``, TRL's names).
+
+    ``label_smoothing``: cDPO / robust DPO's eps (only for losses that use it).
+    ``rpo_alpha``: weight of an added chosen-response NLL term (TRL's RPO; 0 = plain DPO).
+    """
+
+    kind: Literal["dpo"]
+    batch_kinds: ClassVar[tuple[str, ...]] = (PAIR, SCORE_PAIR)
+    loss_type: str = "sigmoid"
+    label_smoothing: float = Field(0.0, ge=0, lt=0.5)
+    rpo_alpha: float = Field(0.0, ge=0)
+
+    @model_validator(mode="after")
+    def _loss_options(self) -> DpoStage:
+        if self.loss_type not in PAIR_LOSSES:
+            raise ValueError(
+                f"loss_type: unknown {self.loss_type!r}; valid: {', '.join(PAIR_LOSSES)}"
+            )
+        if self.label_smoothing and not PAIR_LOSSES[self.loss_type].uses_label_smoothing:
+            raise ValueError(
+                f"label_smoothing {self.label_smoothing} is ignored by loss_type "
+                f"'{self.loss_type}'; set it to 0 or use a loss that smooths labels"
+            )
+        return self
+
+
+class KtoStage(ReferencedStage):
+    """KTO with ``desirable_weight`` / ``undesirable_weight`` (``balanced`` =
+    n_desirable / n_undesirable, SACPO's KTO(S))."""
+
+    kind: Literal["kto"]
+    batch_kinds: ClassVar[tuple[str, ...]] = (UNPAIRED,)
+    desirable_weight: float = Field(1.0, gt=0)
+    undesirable_weight: float | Literal["balanced"] = 1.0
+
+    @field_validator("undesirable_weight")
+    @classmethod
+    def _positive_weight(cls, weight: float | str) -> float | str:
+        if not isinstance(weight, str) and weight <= 0:
+            raise ValueError("undesirable_weight must be > 0 or 'balanced'")
+        return weight
+
+
+class MergeStage(StageBase):
     """P-SACPO: theta = sum_i w_i theta_i over ``models`` (stage names or HF directories).
 
     Two models take ``q`` (theta = (1-q) theta_0 + q theta_1); a list of q values fans
@@ -199,7 +321,6 @@ class MergeStage(Strict):
     """
 
     kind: Literal["merge"]
-    name: str
     models: list[str] = Field(min_length=2)
     q: float | list[float] | None = None
     weights: list[float] | None = None
@@ -217,6 +338,12 @@ class MergeStage(Strict):
         elif len(self.weights) != len(self.models) or abs(sum(self.weights) - 1) > 1e-6:
             raise ValueError("weights: one per model, summing to 1")
         return self
+
+    def sources(self) -> list[str]:
+        return list(self.models)
+
+    def swept(self) -> tuple[str, list[float]] | None:
+        return ("q", self.q) if isinstance(self.q, list) else None
 
 
 class EvalSettings(Strict):
@@ -243,7 +370,7 @@ class PromptSet(Strict):
     limit: int | None = Field(None, gt=0)
 
 
-class EvaluateStage(Strict):
+class EvaluateStage(StageBase):
     """Generate with ``models`` ("all": every earlier language-model stage), score, compare.
 
     Scorers: the bundled ``oracle`` and/or ``reward_model`` / ``cost_model`` (stage
@@ -251,7 +378,7 @@ class EvaluateStage(Strict):
     """
 
     kind: Literal["evaluate"]
-    name: str
+    yields_policy: ClassVar[bool] = False
     models: list[str] | Literal["all"] = "all"
     prompts: PromptSet
     settings: EvalSettings = EvalSettings()
@@ -264,6 +391,16 @@ class EvaluateStage(Strict):
     def _has_scorer(self) -> EvaluateStage:
         if not (self.oracle or self.reward_model or self.cost_model):
             raise ValueError("an evaluate stage needs oracle: true or a reward/cost model")
+        return self
+
+    def sources(self) -> list[str]:
+        models = [] if self.models == "all" else list(self.models)
+        return models + [m for m in (self.reward_model, self.cost_model) if m]
+
+    def resolve(self, previous: str | None, earlier: list[StageBase]) -> EvaluateStage:
+        if self.models == "all":
+            names = [stage.name for stage in earlier if stage.yields_policy]
+            return self.model_copy(update={"models": names})
         return self
 
 
@@ -292,7 +429,11 @@ class CaidSampling(Strict):
     batch_size: int = Field(64, gt=0)
 
 
-class CaidStage(StageBase):
+ORACLE = "oracle"
+"""CAID's name for the bundled task's oracle as a reward or constraint model."""
+
+
+class CaidStage(TrainedStage):
     """CAID (REFERENCE §3): ``iterations`` rounds of a dual step on the host and a DPO
     policy step on pseudo-preferences, from ``start`` (pi_ref, also DPO's reference).
 
@@ -305,8 +446,8 @@ class CaidStage(StageBase):
     """
 
     kind: Literal["caid"]
+    batch_kinds: ClassVar[tuple[str, ...]] = (PAIR,)
     method: Literal["mocaid", "pecaid"] = "mocaid"
-    data: DataSpec
     reward: str
     constraints: list[CaidConstraint] = Field(min_length=1)
     relative_thresholds: bool = True
@@ -319,11 +460,7 @@ class CaidStage(StageBase):
 
     @model_validator(mode="after")
     def _consistent(self) -> CaidStage:
-        from sacpo_jax.data.adapters import ADAPTERS, PAIR
-
-        if ADAPTERS[self.data.adapter].kind != PAIR:
-            raise ValueError(f"data.adapter '{self.data.adapter}' does not make pairs")
-        if self.method == "pecaid" and "oracle" in self.models:
+        if self.method == "pecaid" and ORACLE in self.models:
             raise ValueError("pecaid scores with DPO policies; 'oracle' is for mocaid")
         init = self.lambda_init
         values = init if isinstance(init, list) else [] if init is None else [init]
@@ -335,15 +472,57 @@ class CaidStage(StageBase):
 
     @property
     def models(self) -> list[str]:
-        """The scoring models the stage reads (for the chain), in order: reward, constraints."""
+        """The scoring models the stage reads, in order: reward, constraints."""
         return [self.reward] + [c.model for c in self.constraints]
 
+    def sources(self) -> list[str]:
+        return [self.start] + [m for m in self.models if m != ORACLE]
 
+
+STAGE_TYPES = (SftStage, DpoStage, KtoStage, RewardStage, CostStage, MergeStage, EvaluateStage)
+STAGE_TYPES += (CaidStage,)
 Stage = Annotated[
-    SftStage | ScoreStage | PreferenceStage | MergeStage | EvaluateStage | CaidStage,
+    SftStage
+    | DpoStage
+    | KtoStage
+    | RewardStage
+    | CostStage
+    | MergeStage
+    | EvaluateStage
+    | CaidStage,
     Field(discriminator="kind"),
 ]
-TRAINING_KINDS = ("sft", "dpo", "kto", "reward", "cost", "caid")
+_STAGE_BY_KIND = {cls.model_fields["kind"].annotation.__args__[0]: cls for cls in STAGE_TYPES}
+
+
+def sweep_name(name: str, key: str, value: float) -> str:
+    return f"{name}@{key}={value:g}"
+
+
+def expand_stages(stages: list[StageBase]) -> list[StageBase]:
+    """The chain as it runs: one stage per swept value (beta lists: name@beta=b, merge q
+    lists: name@q=q), starts and "all" resolved.
+
+    Swept training stages keep the original start (resolved to a concrete name) so all
+    of them start from the same model; a later "previous" after a sweep is ambiguous.
+    """
+    expanded: list[StageBase] = []
+    previous: str | None = INITIAL
+    for stage in stages:
+        stage = stage.resolve(previous, expanded)
+        swept = stage.swept()
+        if swept is None:
+            expanded.append(stage)
+            if stage.yields_policy or isinstance(stage, TrainedStage):
+                previous = stage.name
+            continue
+        key, values = swept
+        expanded += [
+            stage.model_copy(update={"name": sweep_name(stage.name, key, value), key: value})
+            for value in values
+        ]
+        previous = None
+    return expanded
 
 
 class RunConfig(Strict):
@@ -359,18 +538,41 @@ class RunConfig(Strict):
     progress_bar: bool = True
 
     @model_validator(mode="after")
-    def _unique_names(self) -> RunConfig:
+    def _chain(self) -> RunConfig:
         names = [s.name for s in self.stages]
         duplicates = sorted({n for n in names if names.count(n) > 1})
         if duplicates:
             raise ValueError(f"stage names must be unique: {', '.join(duplicates)}")
         if self.tokenizer.path is None and self.model.path is None:
             raise ValueError("tokenizer.path is needed when the model is random")
+        _check_sources(expand_stages(self.stages))
         return self
 
     @property
     def directory(self) -> Path:
         return Path(self.run_dir or os.path.join("runs", self.name))
+
+    def expanded_stages(self) -> list[StageBase]:
+        return expand_stages(self.stages)
+
+
+def _check_sources(stages: list[StageBase]) -> None:
+    """Every model a stage reads is an earlier stage, a model directory or a hub id."""
+    available = {INITIAL}
+    for stage in stages:
+        for source in stage.sources():
+            if source not in available and not os.path.isdir(source) and not is_hub_id(source):
+                raise ValueError(
+                    f"stage '{stage.name}' names '{source}', which is neither an earlier stage, "
+                    "a model directory nor a hub id"
+                )
+        if isinstance(stage, EvaluateStage) and stage.baseline not in (None, *stage.models):
+            raise ValueError(
+                f"stage '{stage.name}': baseline '{stage.baseline}' is not among its models "
+                f"{stage.models}"
+            )
+        if not isinstance(stage, EvaluateStage):
+            available.add(stage.name)
 
 
 # ----------------------------------------------------------------------------- loading
@@ -381,7 +583,12 @@ def apply_override(tree: dict, assignment: str) -> None:
     if "=" not in assignment:
         raise ConfigError(f"override {assignment!r} is not of the form key.path=value")
     path, raw = assignment.split("=", 1)
-    value = yaml.safe_load(raw)
+    try:
+        value = yaml.safe_load(raw)
+    except yaml.YAMLError as e:
+        raise ConfigError(
+            f"override {path}: invalid YAML value {raw!r} ({_first_line(e)})"
+        ) from None
     keys = path.split(".")
     node: Any = tree
     for i, key in enumerate(keys):
@@ -399,6 +606,10 @@ def apply_override(tree: dict, assignment: str) -> None:
                 node = node.setdefault(key, {})
         else:
             raise ConfigError(f"override {path}: {'.'.join(keys[:i])} is not a mapping or list")
+
+
+def _first_line(error: Exception) -> str:
+    return str(error).splitlines()[0] if str(error) else type(error).__name__
 
 
 def _list_index(node: list, key: str, path: str) -> int:
@@ -450,16 +661,6 @@ def _field_model(annotation: Any) -> Any:
     return annotation if isinstance(annotation, type) else None
 
 
-_STAGE_BY_KIND = {"sft": SftStage, "reward": ScoreStage, "cost": ScoreStage}
-_STAGE_BY_KIND.update(
-    dpo=PreferenceStage,
-    kto=PreferenceStage,
-    merge=MergeStage,
-    evaluate=EvaluateStage,
-    caid=CaidStage,
-)
-
-
 def _one_line(error: ValidationError, source: str) -> str:
     first = error.errors()[0]
     loc = tuple(first["loc"])
@@ -470,10 +671,10 @@ def _one_line(error: ValidationError, source: str) -> str:
         close = difflib.get_close_matches(str(loc[-1]), valid, n=1, cutoff=0.5)
         hint = f"; did you mean '{close[0]}'?" if close else f"; valid keys: {', '.join(valid)}"
         return f"{source}: unknown key '{where}'{hint}"
-    message = first["msg"].removeprefix("Value error, ")
+    message = " ".join(first["msg"].removeprefix("Value error, ").split())
     if first["type"] == "missing":
         return f"{source}: missing required key '{where}'"
-    return f"{source}: {where}: {message} (got {first.get('input')!r})"
+    return f"{source}: {where}: {message} (got {first.get('input')!r})"[:2000]
 
 
 def load_config(path: str | None, overrides: list[str] = ()) -> RunConfig:
@@ -486,8 +687,10 @@ def load_config(path: str | None, overrides: list[str] = ()) -> RunConfig:
         try:
             with open(path, encoding="utf-8") as f:
                 tree = yaml.safe_load(f) or {}
+        except UnicodeDecodeError as e:
+            raise ConfigError(f"{path}: not UTF-8 text (byte {e.start})") from None
         except yaml.YAMLError as e:
-            raise ConfigError(f"{path}: invalid YAML ({str(e).splitlines()[0]})") from None
+            raise ConfigError(f"{path}: invalid YAML ({_first_line(e)})") from None
         if not isinstance(tree, dict):
             raise ConfigError(f"{path}: the top level must be a mapping")
     for assignment in overrides:

@@ -30,7 +30,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
-from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from sacpo_jax import parallel
@@ -249,7 +248,7 @@ def _split_rows(mesh: Mesh | None, state: _LoopState) -> _LoopState:
     cache_rows = NamedSharding(mesh, PartitionSpec(free, parallel.BATCH_AXES, free, free, free))
 
     def rows(x):
-        return jax.lax.with_sharding_constraint(x, parallel.batch_sharding(mesh, x.ndim))
+        return jax.lax.with_sharding_constraint(x, parallel.batch_sharding(mesh))
 
     return state._replace(
         caches=jax.lax.with_sharding_constraint(state.caches, cache_rows),
@@ -382,7 +381,7 @@ def place_batch(arrays: Sequence[np.ndarray], mesh: Mesh | None, split: bool) ->
         return [jnp.asarray(a) for a in arrays]
     placed = []
     for host in arrays:
-        sharding = parallel.batch_sharding(mesh, host.ndim) if split else parallel.replicated(mesh)
+        sharding = parallel.batch_sharding(mesh) if split else parallel.replicated(mesh)
         placed.append(
             jax.make_array_from_callback(host.shape, sharding, lambda index, a=host: a[index])
         )
@@ -457,13 +456,6 @@ def generate_tokens(
 
 
 # ----------------------------------------------------------------------------- text API
-
-
-def to_host(x: jax.Array) -> np.ndarray:
-    """The full array on this host, gathering rows held by other processes if needed."""
-    if x.is_fully_addressable:
-        return np.asarray(x)
-    return np.asarray(multihost_utils.process_allgather(x, tiled=True))
 
 
 def next_power_of_two(n: int, minimum: int = 1) -> int:
@@ -561,7 +553,8 @@ def generate(
             row_ids=np.asarray(rows),
             mesh=mesh,
         )
-        tokens, emitted = to_host(out.tokens), to_host(out.mask).astype(bool)
+        tokens = parallel.to_host(out.tokens)
+        emitted = parallel.to_host(out.mask).astype(bool)
         for row, prompt_index in enumerate(chunk):
             text = tokenizer.decode(tokens[row][emitted[row]].tolist(), skip_special_tokens=True)
             texts[prompt_index] = cut_at_stop(text, stop_strings)

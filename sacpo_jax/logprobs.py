@@ -60,3 +60,22 @@ def completion_logps(
     per_token = jnp.mean(logits[:, :-1], axis=-1)
     mean_logits = jnp.sum(per_token * mask, axis=-1) / jnp.maximum(counts, 1.0)
     return CompletionLogps(logps, counts, mean_logits)
+
+
+def pair_logps(model, batch: dict) -> dict[str, jax.Array]:
+    """Chosen and rejected completions of a pair batch in ONE forward over the
+    concatenated [2B] rows: log-probs, token counts and mean logits of each."""
+    ids, mask, loss_mask = (
+        jnp.concatenate([batch[f"chosen_{name}"], batch[f"rejected_{name}"]])
+        for name in ("input_ids", "attention_mask", "loss_mask")
+    )
+    logps, counts, mean_logits = completion_logps(model, ids, mask, loss_mask)
+    n = batch["chosen_input_ids"].shape[0]
+    return {
+        "chosen_logps": logps[:n],
+        "rejected_logps": logps[n:],
+        "chosen_lengths": counts[:n],
+        "rejected_lengths": counts[n:],
+        "chosen_logits": mean_logits[:n],
+        "rejected_logits": mean_logits[n:],
+    }

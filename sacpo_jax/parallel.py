@@ -18,6 +18,7 @@ from typing import Any
 
 import jax
 import numpy as np
+from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 MESH_AXES = ("data", "fsdp", "tensor")
@@ -131,13 +132,41 @@ def state_shardings(tree: Any, mesh: Mesh) -> Any:
     return jax.tree_util.tree_map_with_path(sharding, tree)
 
 
-def batch_sharding(mesh: Mesh, ndim: int = 2) -> NamedSharding:
-    """Rows split over (data, fsdp); the remaining dims replicated."""
-    return NamedSharding(mesh, PartitionSpec(BATCH_AXES, *([None] * (ndim - 1))))
+def batch_sharding(mesh: Mesh, grad_accum: int = 1) -> NamedSharding:
+    """Rows split over (data, fsdp), the other dims replicated; with gradient accumulation
+    a batch is [accum, micro, ...] and the row axis is axis 1."""
+    lead = (None,) if grad_accum > 1 else ()
+    return NamedSharding(mesh, PartitionSpec(*lead, BATCH_AXES))
+
+
+def batch_shardings(mesh: Mesh, batch: dict, grad_accum: int = 1) -> dict:
+    """``batch_sharding`` of every array of a batch."""
+    return {name: batch_sharding(mesh, grad_accum) for name in batch}
+
+
+def global_batch(batch: dict[str, np.ndarray], mesh: Mesh, grad_accum: int = 1) -> dict:
+    """This process's numpy batch -> global jax.Arrays, rows split over the batch axes
+    (every process passes its own rows; together they make the global batch)."""
+    sharding = batch_sharding(mesh, grad_accum)
+    return {name: jax.make_array_from_process_local_data(sharding, x) for name, x in batch.items()}
 
 
 def replicated(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, PartitionSpec())
+
+
+def to_host(x: jax.Array) -> np.ndarray:
+    """The full value on this host (every process takes part when it spans several)."""
+    if x.is_fully_addressable:
+        return np.asarray(x)
+    return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+
+
+def gather_rows(local: np.ndarray) -> np.ndarray:
+    """Every process's rows of a per-process numpy array, in process order."""
+    if jax.process_count() == 1:
+        return local
+    return np.asarray(multihost_utils.process_allgather(local, tiled=True))
 
 
 def place_from_host(

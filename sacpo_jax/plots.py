@@ -7,7 +7,6 @@ and tests can inspect what was drawn.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
@@ -15,6 +14,9 @@ import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
+
+from sacpo_jax.errors import SacpoError
+from sacpo_jax.metrics_log import MetricsLogError, read_metrics
 
 DUAL_PANELS = (
     ("lambda", "multiplier λ"),
@@ -24,7 +26,7 @@ DUAL_PANELS = (
 """History keys that ``plot_dual_trajectories`` draws, one panel each when present."""
 
 
-class PlotInputError(ValueError):
+class PlotInputError(SacpoError, ValueError):
     """Raised when results, metric logs or histories cannot be plotted."""
 
 
@@ -89,25 +91,6 @@ def plot_frontier(
     return _save(figure, path)
 
 
-def _read_metric_log(path: str | Path) -> list[dict]:
-    rows = []
-    try:
-        lines = Path(path).read_text(encoding="utf-8").splitlines()
-    except OSError as error:
-        raise PlotInputError(f"{path}: cannot read metrics log ({error.strerror})") from None
-    for line_number, line in enumerate(lines, start=1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError:
-            raise PlotInputError(f"{path}:{line_number}: not a JSON object") from None
-        if not isinstance(row, dict) or "step" not in row:
-            raise PlotInputError(f"{path}:{line_number}: expected a JSON object with a 'step'")
-        rows.append(row)
-    return rows
-
-
 def _curve(rows: list[dict], key: str, path: str | Path) -> tuple[list[float], list[float]]:
     steps, values = [], []
     for row in rows:
@@ -134,7 +117,10 @@ def plot_training_curves(
     """
     if not metrics_jsonl_paths or not keys:
         raise PlotInputError("training curves: need at least one log and one key")
-    logs = {stage: _read_metric_log(log) for stage, log in metrics_jsonl_paths.items()}
+    try:
+        logs = {stage: read_metrics(log) for stage, log in metrics_jsonl_paths.items()}
+    except MetricsLogError as error:
+        raise PlotInputError(str(error)) from None
     figure, all_axes = _new_figure(rows=len(keys), row_height=3.0)
     for axes, key in zip(all_axes, keys, strict=True):
         for stage, rows in logs.items():

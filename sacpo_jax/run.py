@@ -1,37 +1,45 @@
-"""One run: mesh, tokenizer, the initial model, then the stage chain. Used by the CLI.
+"""One run: mesh, tokenizer, the initial model, then the stage chain.
 
-Each stage kind has an executor here: training kinds (sft, dpo, kto, reward, cost) go
-to ``run_stage``; ``caid`` runs iterative dualization (``sacpo_jax.algorithms.caid``);
-``merge`` combines weights (P-SACPO); ``evaluate`` generates, scores
-and writes tables and plots. Every executor writes into runs/<name>/stages/<stage>/.
+``EXECUTORS`` is the one place a stage type meets the code that runs it (looked up along
+the type's bases, so a new training kind needs no entry here): training stages go to
+``training.stages``, CAID to ``algorithms.caid``, merges combine weights (P-SACPO),
+evaluations generate, score and write tables and plots. Every executor writes into
+runs/<name>/stages/<stage>/.
 """
 
 from __future__ import annotations
 
 import json
 import os
+from collections.abc import Callable
 
 import jax
 import yaml
 
 from sacpo_jax import checkpoint, parallel
+from sacpo_jax.algorithms.caid import run_caid
 from sacpo_jax.algorithms.merge import merge_models, two_model_weights
-from sacpo_jax.config import BUNDLED_TOKENIZER, TRAINING_KINDS, ConfigError, RunConfig
+from sacpo_jax.config import (
+    INITIAL,
+    ORACLE,
+    CaidStage,
+    ConfigError,
+    EvaluateStage,
+    MergeStage,
+    RunConfig,
+    StageBase,
+    SupervisedStage,
+)
+from sacpo_jax.data.prompts import read_prompts
 from sacpo_jax.data.tokenize import load_tokenizer
+from sacpo_jax.evaluation import evaluate_models, write_report
 from sacpo_jax.models import hf
 from sacpo_jax.models.init import init_model
 from sacpo_jax.models.llama import Llama, LlamaConfig, RopeConfig
-from sacpo_jax.training.chain import INITIAL, ModelStore, expand_sweeps, run_chain, sweep_series
-from sacpo_jax.training.runner import MODEL_DIR, StageContext, load_finished, run_stage
-
-
-def tokenizer_from_path(path: str, trust_remote_code: bool = False):
-    """A tokenizer directory or hub id, or ``bundled:oracle`` for the bundled task's."""
-    if path == BUNDLED_TOKENIZER:
-        from sacpo_jax.data.oracle_tokenizer import oracle_tokenizer
-
-        return oracle_tokenizer()
-    return load_tokenizer(hf.resolve_model_dir(path), trust_remote_code=trust_remote_code)
+from sacpo_jax.scorers import OracleScorer, ScoreModelScorer, Scorer
+from sacpo_jax.training.chain import ModelStore, run_chain, sweep_series
+from sacpo_jax.training.context import StageContext
+from sacpo_jax.training.stages import MODEL_DIR, load_export, run_training_stage
 
 
 def initial_model(config: RunConfig, mesh, tokenizer) -> Llama:
@@ -73,14 +81,14 @@ def write_resolved_config(config: RunConfig) -> None:
             yaml.safe_dump(config.model_dump(mode="json"), f, sort_keys=False)
 
 
-class Executors:
-    """Runs one stage of any kind against the shared model store."""
+class Run:
+    """A run's shared pieces (config, mesh, tokenizer, expanded stages) and its executors."""
 
     def __init__(self, config: RunConfig, mesh, tokenizer):
         self.config, self.mesh, self.tokenizer = config, mesh, tokenizer
-        self.series = sweep_series(expand_sweeps(config.stages))
+        self.stages = config.expanded_stages()
 
-    def context(self, stage) -> StageContext:
+    def context(self, stage: StageBase) -> StageContext:
         c = self.config
         return StageContext(
             mesh=self.mesh,
@@ -93,28 +101,26 @@ class Executors:
             progress_bar=c.progress_bar,
         )
 
-    def __call__(self, stage, store: ModelStore) -> Llama | None:
-        if stage.kind == "caid":
-            return self.caid(stage, store)
-        if stage.kind in TRAINING_KINDS:
-            start, reference = store.start_and_reference(stage)
-            return run_stage(stage, start, reference, self.context(stage))
-        if stage.kind == "merge":
-            return self.merge(stage, store)
-        return self.evaluate(stage, store)
+    def __call__(self, stage: StageBase, store: ModelStore) -> Llama | None:
+        for cls in type(stage).__mro__:
+            if cls in EXECUTORS:
+                return EXECUTORS[cls](self, stage, store)
+        raise TypeError(f"no executor for stage type {type(stage).__name__}")
 
-    def caid(self, stage, store: ModelStore) -> Llama:
+    def train(self, stage: SupervisedStage, store: ModelStore) -> Llama:
+        start, reference = store.start_and_reference(stage)
+        return run_training_stage(stage, start, reference, self.context(stage))
+
+    def caid(self, stage: CaidStage, store: ModelStore) -> Llama:
         """CAID from the stage's start (pi_ref), scored by the models it names."""
-        from sacpo_jax.algorithms.caid import ORACLE, run_caid
-
         scorers = {n: store.get(n, stage.name) for n in stage.models if n != ORACLE}
         return run_caid(stage, store.get(stage.start, stage.name), scorers, self.context(stage))
 
-    def merge(self, stage, store: ModelStore) -> Llama:
+    def merge(self, stage: MergeStage, store: ModelStore) -> Llama:
         ctx = self.context(stage)
         models = [store.get(name, stage.name) for name in stage.models]
         if checkpoint.is_finished(ctx.stage_dir):
-            return load_finished(ctx, models[0])
+            return load_export(ctx, models[0])
         weights = two_model_weights(stage.q) if stage.q is not None else stage.weights
         merged = merge_models(models, weights)
         hf.save_checkpoint(merged, os.path.join(ctx.stage_dir, MODEL_DIR), self.tokenizer)
@@ -122,24 +128,26 @@ class Executors:
         print(f"[{stage.name}] merged {stage.models} with weights {list(weights)}")
         return merged
 
-    def evaluate(self, stage, store: ModelStore) -> None:
-        from sacpo_jax import evaluate
-
+    def evaluate(self, stage: EvaluateStage, store: ModelStore) -> None:
         ctx = self.context(stage)
         if checkpoint.is_finished(ctx.stage_dir):
             print(f"[{stage.name}] already evaluated: {ctx.stage_dir}/results.md")
             return None
         models = {name: store.get(name, stage.name) for name in stage.models}
-        scorers = [evaluate.oracle_scorer] if stage.oracle else []
-        for name, key in ((stage.reward_model, "reward"), (stage.cost_model, "cost")):
+        scorers: list[Scorer] = []
+        if stage.oracle:
+            scorers += [
+                OracleScorer("reward", self.tokenizer),
+                OracleScorer("cost", self.tokenizer),
+            ]
+        for name, quantity in ((stage.reward_model, "reward"), (stage.cost_model, "cost")):
             if name:
                 score_model = store.get(name, stage.name)
                 template = stage.settings.template
-                scorers.append(evaluate.model_scorer(score_model, self.tokenizer, key, template))
-        prompts = evaluate.read_prompts(
-            stage.prompts.source, stage.prompts.field, stage.prompts.limit
-        )
-        results, samples = evaluate.evaluate_models(
+                scorers.append(ScoreModelScorer(quantity, score_model, self.tokenizer, template))
+        p = stage.prompts
+        prompts = read_prompts(p.source, p.field, p.limit)
+        results, samples = evaluate_models(
             models,
             self.tokenizer,
             prompts,
@@ -152,8 +160,8 @@ class Executors:
         logs = {
             name: str(stages_dir / name / "metrics.jsonl") for name in models if name != INITIAL
         }
-        paths = evaluate.write_report(
-            results, samples, ctx.stage_dir, series=self.series, training_logs=logs
+        paths = write_report(
+            results, samples, ctx.stage_dir, series=sweep_series(self.stages), training_logs=logs
         )
         mark_finished(ctx.stage_dir, {"models": list(models)})
         if paths:
@@ -161,6 +169,14 @@ class Executors:
                 print(f"\n[{stage.name}] results ({len(prompts)} prompts):\n{f.read()}")
             print(f"[{stage.name}] wrote " + ", ".join(sorted(paths.values())))
         return None
+
+
+EXECUTORS: dict[type, Callable[[Run, StageBase, ModelStore], Llama | None]] = {
+    SupervisedStage: Run.train,
+    CaidStage: Run.caid,
+    MergeStage: Run.merge,
+    EvaluateStage: Run.evaluate,
+}
 
 
 def mark_finished(stage_dir: str, info: dict) -> None:
@@ -173,15 +189,16 @@ def mark_finished(stage_dir: str, info: dict) -> None:
         os.replace(tmp, os.path.join(stage_dir, checkpoint.FINISHED_FILE))
 
 
-def run(config: RunConfig) -> list:
+def run(config: RunConfig) -> list[StageBase]:
     """Run the whole chain; returns the expanded list of stages."""
     try:
         mesh = parallel.make_mesh(config.mesh.data, config.mesh.fsdp, config.mesh.tensor)
     except ValueError as e:  # sizes that do not fit the devices: a config error, one line
         raise ConfigError(str(e)) from None
     write_resolved_config(config)
-    tokenizer = tokenizer_from_path(
-        config.tokenizer.path or config.model.path, config.tokenizer.trust_remote_code
+    tokenizer = load_tokenizer(
+        config.tokenizer.path or config.model.path,
+        trust_remote_code=config.tokenizer.trust_remote_code,
     )
     model = initial_model(config, mesh, tokenizer)
     m = config.model
@@ -189,8 +206,8 @@ def run(config: RunConfig) -> list:
         model,
         dict(mesh=mesh, remat=m.remat, scan_layers=m.scan_layers, compute_dtype=m.compute_dtype),
     )
-    stages = expand_sweeps(config.stages)
-    run_chain(stages, store, Executors(config, mesh, tokenizer))
+    executor = Run(config, mesh, tokenizer)
+    run_chain(executor.stages, store, executor)
     if jax.process_index() == 0:
         print(f"done: every stage's outputs are in {config.directory}/stages/<stage>/")
-    return stages
+    return executor.stages

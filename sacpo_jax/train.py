@@ -1,26 +1,29 @@
 """``python -m sacpo_jax.train [--config PATH] [key.path=value ...]``: run a chain of stages.
 
-With no arguments it runs ``configs/demo.yaml``, the embedded SACPO demo on the bundled
-oracle task. The run directory (``runs/<name>/`` by default) receives the resolved
-config, per-stage metrics, checkpoints and exported models. A rerun of the same
-command resumes: finished stages are skipped, an interrupted one continues from its
-last checkpoint.
+With no arguments it runs the embedded SACPO demo (``demo.yaml``, shipped inside the
+package and linked from ``configs/``) on the bundled oracle task. ``--config`` takes a
+path, or the name of a shipped config (``caid_demo.yaml``). The run directory
+(``runs/<name>/`` by default) receives the resolved config, per-stage metrics,
+checkpoints and exported models. A rerun of the same command resumes: finished stages
+are skipped, an interrupted one continues from its last checkpoint.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
-DEMO_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "demo.yaml"
+SHIPPED_CONFIGS = Path(__file__).resolve().parent / "configs"
+DEMO_CONFIG = "demo.yaml"
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog="python -m sacpo_jax.train", description=__doc__.split("\n")[0]
     )
-    parser.add_argument("--config", help="YAML run config (default: configs/demo.yaml)")
+    parser.add_argument("--config", help=f"YAML run config (default: the shipped {DEMO_CONFIG})")
     parser.add_argument("--coordinator", help="host:port of process 0 (multi-host GPU/CPU)")
     parser.add_argument("--num-processes", type=int, help="number of processes (multi-host)")
     parser.add_argument("--process-id", type=int, help="this process's index (multi-host)")
@@ -28,11 +31,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def default_config_path() -> str:
-    for candidate in (Path("configs/demo.yaml"), DEMO_CONFIG):
-        if candidate.is_file():
-            return str(candidate)
-    raise FileNotFoundError("configs/demo.yaml not found; pass --config PATH")
+def config_path(name: str | None) -> str:
+    """The shipped demo when no config is given; a path; or, when no such file exists,
+    the shipped config of that name."""
+    if name is None:
+        return str(SHIPPED_CONFIGS / DEMO_CONFIG)
+    shipped = SHIPPED_CONFIGS / name
+    return str(shipped) if not os.path.exists(name) and shipped.is_file() else name
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -41,30 +46,15 @@ def main(argv: list[str] | None = None) -> int:
 
     parallel.initialize_distributed(args.coordinator, args.num_processes, args.process_id)
 
-    from sacpo_jax.checkpoint import CheckpointError
-    from sacpo_jax.config import ConfigError, load_config
-    from sacpo_jax.data.errors import DataError
-    from sacpo_jax.models.hf import CheckpointError as ModelError
+    from sacpo_jax.config import load_config
+    from sacpo_jax.errors import SacpoError
     from sacpo_jax.run import run
-    from sacpo_jax.training.chain import ChainError
-    from sacpo_jax.training.runner import TrainingError
 
     try:
-        config = load_config(args.config or default_config_path(), args.overrides)
-        run(config)
-    except (
-        ConfigError,
-        DataError,
-        ModelError,
-        CheckpointError,
-        ChainError,
-        FileNotFoundError,
-    ) as e:
+        run(load_config(config_path(args.config), args.overrides))
+    except SacpoError as e:
         print(f"error: {e}", file=sys.stderr)
-        return 2
-    except TrainingError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
+        return e.exit_code
     return 0
 
 

@@ -21,12 +21,6 @@ import pytest
 import yaml
 
 from sacpo_jax.algorithms.caid import CaidRun, best_iterate, dual_update, iterate_estimates
-from sacpo_jax.algorithms.caid_scoring import (
-    LogRatioScorer,
-    OracleScorer,
-    PairSet,
-    ScoreModelScorer,
-)
 from sacpo_jax.algorithms.pseudo_labels import (
     PseudoLabelError,
     draw_second_preferred,
@@ -37,8 +31,17 @@ from sacpo_jax.data.oracle_tokenizer import oracle_tokenizer
 from sacpo_jax.data.pipeline import build_dataset
 from sacpo_jax.data.spec import DataSpec
 from sacpo_jax.models import hf
+from sacpo_jax.models.fingerprint import params_fingerprint
+from sacpo_jax.scorers import (
+    LogRatioScorer,
+    OracleScorer,
+    PairSet,
+    ScoreModelScorer,
+)
 from sacpo_jax.scoring import sequence_logprobs
-from sacpo_jax.training.runner import StageContext, add_reference_logps, params_fingerprint
+from sacpo_jax.training.context import StageContext
+from sacpo_jax.training.objectives import PAIR_REFERENCE
+from sacpo_jax.training.reference import add_reference_columns
 
 CONFIGS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
 TEMPLATE = "BEGINNING OF CONVERSATION: USER: {prompt} ASSISTANT:"
@@ -189,9 +192,9 @@ def test_oracle_scores_of_pairs_match_the_split_columns():
         max_prompt_length=24,
     )
     dataset, _ = build_dataset(spec, tokenizer)
-    pairs = PairSet(dataset, spec, ctx=None, batch_size=32)
+    pairs = PairSet(dataset, spec, batch_size=32, pad_id=tokenizer.pad_token_id)
     for key, column, sign in (("reward", "reward", 1.0), ("cost", "cost", -1.0)):
-        scores = OracleScorer(key, tokenizer).on_pairs(pairs)
+        scores = OracleScorer(key, tokenizer, sign).on_pairs(pairs)
         for slot in (0, 1):
             np.testing.assert_array_equal(
                 scores[:, slot], sign * dataset.columns[f"score_{slot}_{column}"]
@@ -388,8 +391,8 @@ def test_scorers_give_the_same_values_on_pairs_and_on_their_text(demo, tmp_path)
     sft = stage_model(demo, "sft", context.mesh)
     spec = DataSpec.model_validate({**PAIRS, "limit": 40})
     dataset, _ = build_dataset(spec, tokenizer)
-    dataset = add_reference_logps(dataset, spec, sft, "dpo", context, 16)
-    pairs = PairSet(dataset, spec, context, batch_size=16)
+    dataset = add_reference_columns(dataset, spec, sft, PAIR_REFERENCE, context, 16)
+    pairs = PairSet(dataset, spec, 16, tokenizer.pad_token_id, context.mesh)
 
     def decode(ids: np.ndarray) -> str:
         return tokenizer.decode(ids.tolist(), skip_special_tokens=True)
@@ -397,10 +400,15 @@ def test_scorers_give_the_same_values_on_pairs_and_on_their_text(demo, tmp_path)
     prompts = [decode(dataset.prompts[i]) for i in range(len(dataset))]
     scorers = (
         ScoreModelScorer(
-            stage_model(demo, "cost", context.mesh), tokenizer, template=None, sign=-1.0
+            "cost", stage_model(demo, "cost", context.mesh), tokenizer, template=None, sign=-1.0
         ),
         LogRatioScorer(
-            stage_model(demo, "dpo_s", context.mesh), sft, tokenizer, template=None, beta=0.1
+            "utility",
+            stage_model(demo, "dpo_s", context.mesh),
+            sft,
+            tokenizer,
+            template=None,
+            beta=0.1,
         ),
     )
     for scorer in scorers:
@@ -466,7 +474,7 @@ def test_lambda_updates_do_not_recompile_the_train_step(uninterrupted):
     history = read_json(os.path.join(caid.ctx.stage_dir, "caid_history.json"))["history"]
     lambdas = [h["lambda"][0] for h in history]
     assert lambdas[1] != lambdas[2]  # the two policy steps ran under different lambdas
-    assert caid.train_step._cache_size() == 1
+    assert caid.trainer.train_step.compiled._cache_size() == 1
     assert params_fingerprint(reference) == before  # pi_ref is never trained or donated
 
 
@@ -475,21 +483,16 @@ def test_a_caid_stage_resumes_mid_iteration(uninterrupted, tmp_path):
     expected, reference, _, expected_dir = uninterrupted
     context = direct_context(tmp_path)
     interrupted = CaidRun(direct_stage(), reference, {}, context)
-    compile_step = interrupted.compile_step
+    step = interrupted.trainer.step
     calls = []
 
-    def preempting_compile(placed):
-        step = compile_step(placed)
+    def counted(*args):
+        calls.append(1)
+        if len(calls) == interrupted.steps_per_iteration + 2:  # inside iteration 1
+            os.kill(os.getpid(), signal.SIGTERM)
+        return step(*args)
 
-        def counted(*args):
-            calls.append(1)
-            if len(calls) == interrupted.steps_per_iteration + 2:  # inside iteration 1
-                os.kill(os.getpid(), signal.SIGTERM)
-            return step(*args)
-
-        return counted
-
-    interrupted.compile_step = preempting_compile
+    interrupted.trainer.step = counted
     with pytest.raises(SystemExit):
         interrupted.run()
     assert not os.path.exists(os.path.join(context.stage_dir, "caid_history.json"))

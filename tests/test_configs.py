@@ -4,8 +4,7 @@ from pathlib import Path
 
 import pytest
 
-from sacpo_jax.config import load_config
-from sacpo_jax.training.chain import expand_sweeps
+from sacpo_jax.config import expand_stages, load_config
 
 CONFIGS = sorted(Path(__file__).resolve().parent.parent.joinpath("configs").glob("*.yaml"))
 
@@ -14,14 +13,14 @@ CONFIGS = sorted(Path(__file__).resolve().parent.parent.joinpath("configs").glob
 def test_config_validates(path):
     config = load_config(str(path))
     assert config.stages
-    expand_sweeps(config.stages)  # starts and sweeps resolve
+    expand_stages(config.stages)  # starts and sweeps resolve
 
 
 @pytest.mark.parametrize("name", ["sacpo_pku_7b_gpu.yaml", "sacpo_pku_7b_tpu.yaml"])
 def test_sacpo_paper_recipe(name):
     path = Path(__file__).resolve().parent.parent / "configs" / name
     config = load_config(str(path))
-    stages = {s.name: s for s in expand_sweeps(config.stages)}
+    stages = {s.name: s for s in expand_stages(config.stages)}
     dpo_h = stages["dpo_h"]
     assert (dpo_h.beta, dpo_h.train.learning_rate, dpo_h.train.epochs) == (0.1, 2e-5, 3)
     assert (dpo_h.data.max_length, dpo_h.data.max_prompt_length) == (512, 128)
@@ -38,7 +37,7 @@ def test_sacpo_paper_recipe(name):
 def test_evaluated_models_exist_in_the_chain():
     for path in CONFIGS:
         config = load_config(str(path))
-        stages = expand_sweeps(config.stages)
+        stages = expand_stages(config.stages)
         known = {"initial"} | {s.name for s in stages}
         for stage in stages:
             if stage.kind == "evaluate":

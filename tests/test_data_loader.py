@@ -3,11 +3,12 @@
 import jax
 import numpy as np
 import pytest
-from jax.sharding import Mesh, NamedSharding
+from jax.sharding import Mesh
 from jax.sharding import PartitionSpec as P
 
+from sacpo_jax import parallel
 from sacpo_jax.data.dataset import Ragged, TokenizedDataset
-from sacpo_jax.data.loader import BatchLoader, bucket_length, kl_partners, make_global
+from sacpo_jax.data.loader import BatchLoader, bucket_length, kl_partners
 
 N = 24
 PAD = 0
@@ -185,11 +186,11 @@ def test_eval_loader_keeps_order_and_every_row():
     assert (batches[-1]["attention_mask"][4:] == 0).all()
 
 
-def test_make_global_shards_the_batch_over_data_and_fsdp():
+def test_global_batch_shards_the_batch_over_data_and_fsdp():
     devices = np.array(jax.devices()[:8]).reshape(2, 2, 2)
     mesh = Mesh(devices, ("data", "fsdp", "tensor"))
     local = loader().batch(0)
-    batch = make_global(local, NamedSharding(mesh, P(("data", "fsdp"))))
+    batch = parallel.global_batch(local, mesh)
     ids = batch["chosen_input_ids"]
     assert ids.shape == local["chosen_input_ids"].shape
     assert ids.sharding.spec == P(("data", "fsdp"))
@@ -198,7 +199,7 @@ def test_make_global_shards_the_batch_over_data_and_fsdp():
     assert shard_rows == {0, 2, 4, 6}  # 8 rows over 4 data*fsdp groups
 
     accumulated = loader(grad_accum=2).batch(0)
-    micro = make_global(accumulated, NamedSharding(mesh, P(None, ("data", "fsdp"))))
+    micro = parallel.global_batch(accumulated, mesh, grad_accum=2)
     assert micro["margin"].shape == (2, 4)
     np.testing.assert_array_equal(np.asarray(micro["margin"]), accumulated["margin"])
 

@@ -24,10 +24,11 @@ from sacpo_jax import losses, parallel
 from sacpo_jax.data import oracle_task
 from sacpo_jax.data.oracle_tokenizer import oracle_tokenizer
 from sacpo_jax.data.tokenize import pack, tokenize_prompt_completion
+from sacpo_jax.logprobs import pair_logps
 from sacpo_jax.models.init import init_model
 from sacpo_jax.models.llama import tiny_config
 from sacpo_jax.scoring import sequence_logprobs
-from sacpo_jax.training.objectives import policy_pair_logps, sft_objective
+from sacpo_jax.training.objectives import Coefficients, sft_loss
 
 BETA, LAM = 1.0, 1.0
 LENGTH = 48
@@ -107,15 +108,15 @@ def sft_stage(model, tokenizer, table, steps=200):
     ]
     ids, mask, loss_mask = (jnp.asarray(np.stack(column)) for column in zip(*rows))
     batch = {"input_ids": ids, "attention_mask": mask, "loss_mask": loss_mask}
-    return minimise(model, lambda m: sft_objective(m, batch, {})[0], steps)
+    return minimise(model, lambda m: sft_loss(m, batch, Coefficients(0.0))[0], steps)
 
 
 def dpo_stage(model, batch, smoothing, beta, steps=300):
     """cDPO with per-pair smoothing; the start model is also the frozen reference."""
-    ref = policy_pair_logps(model, batch)
+    ref = pair_logps(model, batch)
 
     def loss(m):
-        policy = policy_pair_logps(m, batch)
+        policy = pair_logps(m, batch)
         per_pair, _, _ = losses.dpo_loss(
             policy["chosen_logps"],
             policy["rejected_logps"],

@@ -23,7 +23,7 @@ import yaml
 
 from sacpo_jax import train
 from sacpo_jax.config import ConfigError, load_config
-from sacpo_jax.training.metrics_log import read_metrics
+from sacpo_jax.metrics_log import read_metrics
 
 PAIR_DATA = {
     "source": {"type": "bundled", "name": "preference"},

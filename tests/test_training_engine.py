@@ -16,19 +16,23 @@ import pytest
 from jax import monitoring
 
 from sacpo_jax import parallel
-from sacpo_jax.config import PreferenceStage, ScoreStage, SftStage
-from sacpo_jax.data.loader import BatchLoader, make_global
+from sacpo_jax.config import CostStage, DpoStage, KtoStage, RewardStage, SftStage
+from sacpo_jax.data.loader import BatchLoader
 from sacpo_jax.data.oracle_task import TEMPLATE, load_split
 from sacpo_jax.data.oracle_tokenizer import oracle_tokenizer
 from sacpo_jax.data.pipeline import build_dataset
 from sacpo_jax.data.spec import DataSpec
+from sacpo_jax.metrics_log import read_metrics
 from sacpo_jax.models.init import init_model
 from sacpo_jax.models.llama import LlamaConfig
 from sacpo_jax.scoring import sequence_logprobs
-from sacpo_jax.training import objectives, runner
+from sacpo_jax.training import objectives, reference
 from sacpo_jax.training import step as steps
-from sacpo_jax.training.metrics_log import read_metrics
-from sacpo_jax.training.state import create_state, make_optimizer, split_model
+from sacpo_jax.training.context import StageContext
+from sacpo_jax.training.loop import Trainer
+from sacpo_jax.training.optim import make_optimizer
+from sacpo_jax.training.stages import run_training_stage
+from sacpo_jax.training.state import split_model
 
 TOKENIZER = oracle_tokenizer()
 
@@ -114,11 +118,7 @@ def dpo_batches(mesh, count: int) -> list[dict]:
     loader = BatchLoader(
         dataset, global_batch_size=BATCH, buckets=spec.buckets(), pad_id=0, seed=0, shuffle=True
     )
-    placed = []
-    for _, batch in loader.iterate(0, count):
-        shardings = steps.batch_shardings(mesh, batch)
-        placed.append({k: make_global({k: v}, shardings[k])[k] for k, v in batch.items()})
-    return placed
+    return [parallel.global_batch(batch, mesh) for _, batch in loader.iterate(0, count)]
 
 
 def run_dpo_schedule(mesh) -> dict:
@@ -129,32 +129,28 @@ def run_dpo_schedule(mesh) -> dict:
     """
     model = init_model(tiny_architecture(), mesh, seed=0, init_std=0.05)
     graphdef, params = split_model(model)
-    reference_step = steps.make_reference_step(graphdef, "dpo")
+    reference_step = steps.make_reference_step(graphdef, objectives.PAIR_REFERENCE)
     optimizer = make_optimizer(len(SCHEDULE), warmup_ratio=0.1)
-    init = jax.jit(lambda p: create_state(p, optimizer, seed=0))
-    shardings = parallel.state_shardings(jax.eval_shape(init, params), mesh)
-    state = jax.jit(init, out_shardings=shardings)(params)
+    objective = objectives.dpo("sigmoid", objectives.DpoCoefficients(0.0, 0.0))
+    trainer = Trainer(objective, graphdef, model.config, optimizer, mesh)
+    state = trainer.fresh_state(params)
     batches = dpo_batches(mesh, 1 + max(i for i, _ in SCHEDULE))
     batches = [{**batch, **reference_step(params, batch)} for batch in batches]
     train_step = steps.make_train_step(
-        graphdef,
-        objectives.build_objective("dpo"),
-        optimizer,
-        state_shardings=shardings,
-        batch_shardings=steps.batch_shardings(mesh, batches[0]),
-        mesh=mesh,
+        graphdef, objective.loss, optimizer, state_shardings=trainer.state_shardings, mesh=mesh
     )
     losses, margins = [], []
     with CompileCounter() as counter:
         for index, coeffs in SCHEDULE:
-            state, metrics = train_step(state, batches[index], steps.coefficient_arrays(coeffs))
+            coefficients = objectives.as_arrays(objectives.DpoCoefficients(**coeffs))
+            state, metrics = train_step(state, batches[index], coefficients)
             losses.append(float(metrics["loss"]))
             margins.append(float(metrics["rewards/margins"]))
     return {
         "losses": np.asarray(losses),
         "margins": np.asarray(margins),
         "params": jax.device_get(state.params),
-        "step": train_step,
+        "step": train_step.compiled,
         "counter": counter,
     }
 
@@ -196,8 +192,8 @@ def test_new_coefficients_take_effect_without_recompiling(one_device_run):
 # ----------------------------------------------------------------------------- the stage runner
 
 
-def stage_context(root, name: str, mesh, cache: str = "cache") -> runner.StageContext:
-    return runner.StageContext(
+def stage_context(root, name: str, mesh, cache: str = "cache") -> StageContext:
+    return StageContext(
         mesh=mesh,
         tokenizer=TOKENIZER,
         stage_dir=str(root / "stages" / name),
@@ -258,7 +254,7 @@ def chain_stages(cost_test_path) -> list:
                 "train": train_options(3e-3),
             }
         ),
-        PreferenceStage.model_validate(
+        DpoStage.model_validate(
             {
                 "name": "dpo",
                 "kind": "dpo",
@@ -268,7 +264,7 @@ def chain_stages(cost_test_path) -> list:
                 "train": train_options(1e-3),
             }
         ),
-        ScoreStage.model_validate(
+        RewardStage.model_validate(
             {
                 "name": "reward",
                 "kind": "reward",
@@ -277,7 +273,7 @@ def chain_stages(cost_test_path) -> list:
                 "train": train_options(1e-3),
             }
         ),
-        ScoreStage.model_validate(
+        CostStage.model_validate(
             {
                 "name": "cost",
                 "kind": "cost",
@@ -289,13 +285,13 @@ def chain_stages(cost_test_path) -> list:
     ]
 
 
-def held_out_nll(model, stage: SftStage, ctx: runner.StageContext) -> float:
-    """The SFT stage's evaluation (runner.evaluate) applied to any model."""
+def held_out_nll(model, stage: SftStage, ctx: StageContext) -> float:
+    """The SFT stage's evaluation (Trainer.evaluate) applied to any model."""
     graphdef, params = split_model(model)
     dataset, _ = build_dataset(stage.eval_data, TOKENIZER)
-    eval_step = steps.make_eval_step(graphdef, objectives.build_objective("sft"))
-    coeffs = steps.coefficient_arrays({"learning_rate": 0.0})
-    return runner.evaluate(eval_step, params, dataset, stage.eval_data, ctx, 100, coeffs)["nll"]
+    objective = objectives.for_stage(stage, dataset)
+    trainer = Trainer(objective, graphdef, model.config, make_optimizer(1), ctx.mesh)
+    return trainer.evaluate(params, dataset, stage.eval_data, ctx, 100)["nll"]
 
 
 @pytest.fixture(scope="module")
@@ -314,9 +310,9 @@ def bundled_chain(tmp_path_factory):
     sft, *from_sft = chain_stages(str(cost_test))
     initial = init_model(tiny_architecture(), mesh, seed=0, init_std=0.05)
     initial_nll = held_out_nll(initial, sft, stage_context(root, "sft", mesh))
-    sft_model = runner.run_stage(sft, initial, initial, stage_context(root, "sft", mesh))
+    sft_model = run_training_stage(sft, initial, initial, stage_context(root, "sft", mesh))
     for stage in from_sft:
-        runner.run_stage(stage, sft_model, sft_model, stage_context(root, stage.name, mesh))
+        run_training_stage(stage, sft_model, sft_model, stage_context(root, stage.name, mesh))
     results = {
         name: json.loads((root / "stages" / name / "eval.json").read_text())
         for name in ("sft", "dpo", "reward", "cost")
@@ -377,7 +373,7 @@ def test_precomputed_and_on_the_fly_reference_give_the_same_results(bundled_chai
     root, mesh, sft_model = bundled_chain["root"], bundled_chain["mesh"], bundled_chain["sft"]
     dpo = bundled_chain["stages"]["dpo"]
     on_the_fly = dpo.model_copy(update={"name": "dpo_on_the_fly", "reference_mode": "on_the_fly"})
-    runner.run_stage(on_the_fly, sft_model, sft_model, stage_context(root, on_the_fly.name, mesh))
+    run_training_stage(on_the_fly, sft_model, sft_model, stage_context(root, on_the_fly.name, mesh))
     logs = {  # training records (the final evaluation is logged as eval/...)
         name: [
             r for r in read_metrics(str(root / "stages" / name / "metrics.jsonl")) if "loss" in r
@@ -415,12 +411,32 @@ def test_precomputed_and_on_the_fly_reference_give_the_same_results(bundled_chai
     def no_recompute(*args, **kwargs):
         raise AssertionError("reference log-probs recomputed despite the cache")
 
-    monkeypatch.setattr(runner, "compute_reference_columns", no_recompute)
-    again = runner.prepare_data(dpo, sft_model, stage_context(root, "again", mesh), False)
+    monkeypatch.setattr(reference, "compute_reference_columns", no_recompute)
+    again = {}
+    for key, spec in (("train", dpo.data), ("eval", dpo.eval_data)):
+        dataset, _ = build_dataset(spec, TOKENIZER)
+        again[key] = reference.add_reference_columns(
+            dataset,
+            spec,
+            sft_model,
+            objectives.PAIR_REFERENCE,
+            stage_context(root, "again", mesh),
+            100,
+        )
     for name, values in stores[512].items():
-        np.testing.assert_array_equal(again.train.columns[name], values)
+        np.testing.assert_array_equal(again["train"].columns[name], values)
     for name, values in stores[300].items():
-        np.testing.assert_array_equal(again.eval.columns[name], values)
+        np.testing.assert_array_equal(again["eval"].columns[name], values)
+
+
+def kto_reference_stores(root) -> list:
+    """The cached reference stores that hold KTO columns (the KL rows' log-probs)."""
+    found = []
+    for path in (root / "cache" / "reference").glob("*.npz"):
+        with np.load(path) as stored:
+            if "reference_kl_logps" in stored:
+                found.append(path)
+    return found
 
 
 def test_kto_precomputed_reference_matches_on_the_fly(bundled_chain):
@@ -436,11 +452,11 @@ def test_kto_precomputed_reference_matches_on_the_fly(bundled_chain):
     }
     logs, evals = {}, {}
     for mode in ("precompute", "on_the_fly"):
-        stage = PreferenceStage.model_validate(
-            {**base, "name": f"kto_{mode}", "reference_mode": mode}
-        )
-        assert runner.uses_on_the_fly_reference(stage) == (mode == "on_the_fly")
-        runner.run_stage(stage, sft_model, sft_model, stage_context(root, stage.name, mesh))
+        stage = KtoStage.model_validate({**base, "name": f"kto_{mode}", "reference_mode": mode})
+        kto_stores = len(kto_reference_stores(root))
+        run_training_stage(stage, sft_model, sft_model, stage_context(root, stage.name, mesh))
+        # Only the precomputing run writes reference stores (training and eval examples).
+        assert len(kto_reference_stores(root)) == kto_stores + (2 if mode == "precompute" else 0)
         stage_dir = root / "stages" / stage.name
         logs[mode] = [r for r in read_metrics(str(stage_dir / "metrics.jsonl")) if "loss" in r]
         evals[mode] = json.loads((stage_dir / "eval.json").read_text())

@@ -28,20 +28,16 @@ functions of (seed, iteration), so a resumed run repeats the same draws.
 from __future__ import annotations
 
 import dataclasses
-import functools
 import json
 import math
 import os
 import shutil
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from flax import nnx
-from tqdm import tqdm
 
-from sacpo_jax import checkpoint, parallel, plots
-from sacpo_jax.algorithms.caid_scoring import ORACLE, CaidError, PairSet, Scorer, build_scorer
+from sacpo_jax import plots
 from sacpo_jax.algorithms.dual import DualInputError, InfeasibleConstraintError, solve_dual
 from sacpo_jax.algorithms.pseudo_labels import (
     PseudoLabelError,
@@ -49,41 +45,33 @@ from sacpo_jax.algorithms.pseudo_labels import (
     draw_second_preferred,
     second_preferred_probability,
 )
-from sacpo_jax.config import CaidStage
+from sacpo_jax.config import ORACLE, CaidStage
 from sacpo_jax.data.pipeline import build_dataset
+from sacpo_jax.data.prompts import read_prompts
+from sacpo_jax.data.tokenize import apply_template
 from sacpo_jax.generate import generate
 from sacpo_jax.models import hf
 from sacpo_jax.models.llama import Llama
+from sacpo_jax.scorers import LogRatioScorer, OracleScorer, PairSet, ScoreModelScorer, Scorer
 from sacpo_jax.training import objectives
-from sacpo_jax.training import step as steps
-from sacpo_jax.training.metrics_log import MetricsLogger
-from sacpo_jax.training.runner import (
-    CHECKPOINTS_DIR,
+from sacpo_jax.training.context import StageContext
+from sacpo_jax.training.loop import Trainer, TrainingError, TrainingLoop
+from sacpo_jax.training.optim import stage_optimizer
+from sacpo_jax.training.reference import add_reference_columns
+from sacpo_jax.training.stages import (
     MODEL_DIR,
-    StageContext,
-    add_reference_logps,
-    global_batch,
-    load_finished,
-    make_loader,
-    stage_optimizer,
-    stop_on_non_finite_loss,
+    is_finished,
+    load_export,
+    open_checkpoints,
+    open_logger,
 )
-from sacpo_jax.training.state import (
-    TrainState,
-    create_state,
-    schedule_shape,
-    split_model,
-)
+from sacpo_jax.training.state import TrainState, split_model
 
-__all__ = [
-    "ORACLE",
-    "CaidError",
-    "CaidRun",
-    "best_iterate",
-    "dual_update",
-    "iterate_estimates",
-    "run_caid",
-]
+
+class CaidError(TrainingError):
+    """A CAID stage that cannot run as configured (e.g. a causal LM named as a cost model,
+    non-finite scores); one line."""
+
 
 HISTORY_FILE = "caid_history.json"
 ITERATES_DIR = "iterates"
@@ -149,62 +137,76 @@ def run_caid(
 ) -> Llama:
     """CAID from ``reference`` (pi_ref) with scorers from ``models`` (by name); returns the
     best iterate. A finished stage is loaded from its export."""
-    if checkpoint.is_finished(os.path.join(ctx.stage_dir, CHECKPOINTS_DIR)):  # mark_finished's
-        return load_finished(ctx, reference)
+    if is_finished(ctx):
+        return load_export(ctx, reference)
     return CaidRun(stage, reference, models, ctx).run()
 
 
 class CaidRun:
-    """One CAID stage: pairs, scorers, the compiled DPO step, and the outer loop."""
+    """One CAID stage: pairs, scorers, the policy steps' trainer, and the outer loop."""
 
     def __init__(
         self, stage: CaidStage, reference: Llama, models: dict[str, Llama], ctx: StageContext
     ):
         self.stage, self.reference, self.ctx = stage, reference, ctx
         self.thresholds = np.asarray([c.threshold for c in stage.constraints], np.float64)
-        scorer = functools.partial(
-            build_scorer,
-            models=models,
-            method=stage.method,
-            reference=reference,
-            tokenizer=ctx.tokenizer,
-            template=stage.sampling.template,
-            beta=stage.beta,
-        )
-        self.reward: Scorer = scorer(stage.reward, role="reward")
-        self.constraints: list[Scorer] = [
-            scorer(c.model, role="constraint") for c in stage.constraints
+        self.reward = self.scorer(stage.reward, models, role="reward")
+        self.constraints = [
+            self.scorer(c.model, models, role="constraint") for c in stage.constraints
         ]
-        self.prompts = _read_prompts(stage)
+        p = stage.prompts
+        self.prompts = [row["prompt"] for row in read_prompts(p.source, p.field, p.limit)]
         self.pairs = self.prepare_pairs()
         self.pair_r, self.pair_g = self.score_pairs()
         train = stage.train
-        loader = make_loader(self.pairs.dataset, stage.data, ctx, train.batch_size, train=True)
+        loader = ctx.loader(self.pairs.dataset, stage.data, train.batch_size, train=True)
         self.steps_per_iteration = train.max_steps or max(
             1, math.ceil(train.epochs * loader.steps_per_epoch)
         )
-        self.optimizer = stage_optimizer(train, self.steps_per_iteration)
-        self.coeffs = steps.coefficient_arrays(
-            {"learning_rate": train.learning_rate, "beta": stage.beta, "label_smoothing": 0.0}
+        # lambda reaches the DPO step only through the labels (data): one compiled step.
+        objective = objectives.dpo(
+            "sigmoid", objectives.DpoCoefficients(train.learning_rate, stage.beta)
         )
-        self.graphdef, params = split_model(reference)
-        create = functools.partial(create_state, optimizer=self.optimizer, seed=ctx.seed)
-        self.abstract_state = jax.eval_shape(create, params)
-        self.state_shardings = parallel.state_shardings(self.abstract_state, ctx.mesh)
-        self.fresh_state = jax.jit(create, out_shardings=self.state_shardings)
-        self.objective = objectives.build_objective("dpo", "sigmoid")
-        self.train_step = None
-        self.checkpointer = checkpoint.StageCheckpointer(
-            os.path.join(ctx.stage_dir, CHECKPOINTS_DIR),
-            save_every=train.save_every,
-            keep=train.keep_checkpoints,
+        graphdef, _ = split_model(reference)
+        self.trainer = Trainer(
+            objective,
+            graphdef,
+            reference.config,
+            stage_optimizer(train, self.steps_per_iteration),
+            ctx.mesh,
+            grad_accum=train.grad_accum,
         )
-        self.logger = MetricsLogger(
-            ctx.stage_dir,
-            tensorboard=ctx.tensorboard,
-            wandb_project=ctx.wandb_project,
-            run_name=stage.name,
+        self.loop = TrainingLoop(
+            stage.name,
+            self.trainer,
+            train,
+            ctx,
+            open_checkpoints(ctx, train),
+            open_logger(ctx, stage.name),
         )
+        self.logger, self.checkpointer = self.loop.logger, self.loop.checkpointer
+
+    def scorer(self, name: str, models: dict[str, Llama], *, role: str) -> Scorer:
+        """The reward or constraint scorer of ``name`` under mocaid / pecaid: r, and the
+        utility g = -cost (MoCAID) or beta * log(pi_g / pi_ref) (PeCAID)."""
+        stage, tokenizer, template = self.stage, self.ctx.tokenizer, self.stage.sampling.template
+        reward = role == "reward"
+        if name == ORACLE:
+            return OracleScorer("reward" if reward else "cost", tokenizer, 1.0 if reward else -1.0)
+        model = models[name]
+        if stage.method == "pecaid":
+            if model.config.score_model:
+                raise CaidError(
+                    f"pecaid needs DPO policies, but '{name}' is a score model; use method: mocaid"
+                )
+            return LogRatioScorer(role, model, self.reference, tokenizer, template, stage.beta)
+        if not model.config.score_model:
+            raise CaidError(
+                f"mocaid needs a {'reward' if reward else 'cost'} model, but '{name}' is "
+                "a causal LM; use method: pecaid for DPO policies"
+            )
+        kind = "reward" if reward else "cost"
+        return ScoreModelScorer(kind, model, tokenizer, template, 1.0 if reward else -1.0)
 
     def prepare_pairs(self) -> PairSet:
         """The tokenised pairs with pi_ref's log-probs (computed once, cached on disk)."""
@@ -221,8 +223,10 @@ class CaidRun:
                 f"({stage.train.batch_size})"
             )
         batch = stage.train.eval_batch_size or stage.train.batch_size
-        dataset = add_reference_logps(dataset, stage.data, self.reference, "dpo", ctx, batch)
-        return PairSet(dataset, stage.data, ctx, batch)
+        dataset = add_reference_columns(
+            dataset, stage.data, self.reference, objectives.PAIR_REFERENCE, ctx, batch
+        )
+        return PairSet(dataset, stage.data, batch, ctx.tokenizer.pad_token_id, ctx.mesh)
 
     def score_pairs(self) -> tuple[np.ndarray, np.ndarray]:
         """r (n, 2) and g (n, 2, M) of the fixed pairs, computed once."""
@@ -237,23 +241,18 @@ class CaidRun:
 
     def init_or_restore(self) -> tuple[TrainState, int, int, list[dict]]:
         """(state, iteration, local step, history): a fresh start or the latest checkpoint."""
+        params = split_model(self.reference)[1]
         latest = self.checkpointer.latest_step()
         if latest is None:
-            params = jax.tree.map(jnp.copy, split_model(self.reference)[1])  # never donate pi_ref
-            return self.fresh_state(params), 0, 0, []
-        target = jax.tree.map(
-            lambda leaf, s: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=s),
-            self.abstract_state,
-            self.state_shardings,
-        )
-        state, meta = self.checkpointer.restore(target, latest)
+            return self.trainer.fresh_state(params), 0, 0, []
+        state, meta = self.trainer.restore(self.checkpointer, latest, params)
         if jax.process_index() == 0:
             where = f"iteration {meta['iteration']}, step {meta['local_step']}"
             print(f"[{self.stage.name}] resuming at {where}")
         return state, int(meta["iteration"]), int(meta["local_step"]), list(meta["history"])
 
     def policy(self, state: TrainState) -> Llama:
-        return nnx.merge(self.graphdef, state.params)
+        return nnx.merge(self.trainer.graphdef, state.model_params())
 
     # -- loop -------------------------------------------------------------------------
 
@@ -270,7 +269,7 @@ class CaidRun:
             hf.save_checkpoint(self.policy(state), self.iterate_dir(t + 1), self.ctx.tokenizer)
             step = (t + 1) * self.steps_per_iteration
             meta = {"iteration": t + 1, "local_step": 0, "history": history}
-            self.checkpointer.save(step, state, meta, force=True)
+            self.checkpointer.save(step, state.saved(), meta, force=True)
         return self.finish(history)
 
     def iterate_dir(self, t: int) -> str:
@@ -307,11 +306,10 @@ class CaidRun:
         """Each prompt answered M times by ``policy``; prompts repeated to match."""
         s = self.stage.sampling
         prompts = [p for p in self.prompts for _ in range(s.responses_per_prompt)]
-        texts = [s.template.format(prompt=p) if s.template else p for p in prompts]
         responses = generate(
             policy,
             self.ctx.tokenizer,
-            texts,
+            [apply_template(s.template, p) for p in prompts],
             max_new_tokens=s.max_new_tokens,
             temperature=s.temperature,
             top_p=s.top_p,
@@ -375,80 +373,35 @@ class CaidRun:
     # -- policy step ------------------------------------------------------------------
 
     def policy_step(
-        self, t: int, lam: np.ndarray, state: TrainState, first: int, history
+        self, t: int, lam: np.ndarray, state: TrainState, first: int, history: list[dict]
     ) -> TrainState:
-        """DPO from the current iterate on pairs pseudo-labelled under ``lam``."""
+        """DPO from the current iterate on pairs pseudo-labelled under ``lam``: one run of
+        the training loop with a fresh optimiser state (its own warmup and schedule)."""
         seed, total = self.ctx.seed, self.steps_per_iteration
         swap = draw_second_preferred(self.pair_r, self.pair_g, lam, seed=seed, iteration=t)
         labelled = self.pairs.dataset.swap_pairs(swap)
         ctx = dataclasses.replace(self.ctx, seed=round_seed(seed, t, 1))
         train = self.stage.train
-        loader = make_loader(
-            labelled,
-            self.stage.data,
-            ctx,
-            train.batch_size,
-            train=True,
-            grad_accum=train.grad_accum,
+        loader = ctx.loader(
+            labelled, self.stage.data, train.batch_size, train=True, grad_accum=train.grad_accum
         )
         if first == 0:
-            state = self.fresh_state(state.params)
+            state = self.trainer.fresh_state(state.model_params())
             rate = float(second_preferred_probability(self.pair_r, self.pair_g, lam).mean())
             self.logger.log(
                 t * total,
                 {"second_preferred_rate": rate, "drawn_rate": float(swap.mean())},
                 prefix="caid/",
             )
-        progress = tqdm(
+        return self.loop.run(
+            state,
+            loader.iterate(first, total - first),
+            first=first,
             total=total,
-            initial=first,
-            desc=f"{self.stage.name} iteration {t + 1}/{self.stage.iterations}",
-            dynamic_ncols=True,
-            disable=not self.ctx.progress_bar or jax.process_index() != 0,
+            offset=t * total,
+            meta=lambda done: {"iteration": t, "local_step": done, "history": history},
+            description=f"{self.stage.name} iteration {t + 1}/{self.stage.iterations}",
         )
-        with checkpoint.PreemptionGuard() as guard:
-            for index, batch in loader.iterate(first, total - first):
-                placed = global_batch(batch, self.ctx.mesh, train.grad_accum)
-                if self.train_step is None:
-                    self.train_step = self.compile_step(placed)
-                state, metrics = self.train_step(state, placed, self.coeffs)
-                done = index + 1
-                progress.update(1)
-                step = t * total + done
-                if done % train.log_every == 0 or done == total:
-                    self.log_train(step, done, metrics)
-                meta = {"iteration": t, "local_step": done, "history": history}
-                if guard.should_stop(step):
-                    self.checkpointer.save(step, state, meta, force=True)
-                    self.checkpointer.close()
-                    progress.close()
-                    where = f"iteration {t}, step {done}"
-                    print(f"[{self.stage.name}] preempted at {where}: saved; rerun to resume")
-                    raise SystemExit(0)
-                self.checkpointer.save(step, state, meta)
-        progress.close()
-        return state
-
-    def compile_step(self, placed: dict):
-        accum = self.stage.train.grad_accum
-        return steps.make_train_step(
-            self.graphdef,
-            self.objective,
-            self.optimizer,
-            state_shardings=self.state_shardings,
-            batch_shardings=steps.batch_shardings(self.ctx.mesh, placed, accum),
-            mesh=self.ctx.mesh,
-            grad_accum=accum,
-        )
-
-    def log_train(self, step: int, done: int, metrics: dict) -> None:
-        """Log (and NaN-check: a non-finite loss stops before any further save)."""
-        metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
-        if not math.isfinite(metrics["loss"]):
-            stop_on_non_finite_loss(self.stage.name, metrics["loss"], step, self.checkpointer)
-        schedule = schedule_shape(self.steps_per_iteration, self.stage.train.warmup_ratio)
-        metrics["learning_rate"] = float(self.coeffs["learning_rate"]) * float(schedule(done - 1))
-        self.logger.log(step, metrics)
 
     # -- the end ----------------------------------------------------------------------
 
@@ -473,7 +426,7 @@ class CaidRun:
         self.checkpointer.mark_finished({"best_iterate": best, "iterations": self.stage.iterations})
         self.checkpointer.close()
         self.logger.close()
-        return self.reference if best == 0 else load_finished(self.ctx, self.reference)
+        return self.reference if best == 0 else load_export(self.ctx, self.reference)
 
     def publish_model(self, best: int) -> None:
         """``model/``: a link to ``iterates/<best>``, or an export of pi_ref for iterate 0."""
@@ -487,13 +440,3 @@ class CaidRun:
                 os.symlink(os.path.join(ITERATES_DIR, str(best)), path)
         if best == 0:
             hf.save_checkpoint(self.reference, path, self.ctx.tokenizer)
-
-
-def _read_prompts(stage: CaidStage) -> list[str]:
-    from sacpo_jax.evaluate import EvaluationError, read_prompts
-
-    p = stage.prompts
-    try:
-        return [row["prompt"] for row in read_prompts(p.source, p.field, p.limit)]
-    except EvaluationError as e:
-        raise CaidError(f"[{stage.name}] prompts: {e}") from None

@@ -9,18 +9,17 @@ jit, keeping its sharding, then cast back to the parameter dtype.
 
 from __future__ import annotations
 
-import argparse
-import sys
 from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from sacpo_jax.errors import SacpoError
 from sacpo_jax.models.llama import Llama
 
 
-class MergeError(ValueError):
+class MergeError(SacpoError, ValueError):
     """Models that cannot be merged (architectures or weights); one line."""
 
 
@@ -56,33 +55,3 @@ def _combine(trees: list, weights: jax.Array):
         return total.astype(leaves[0].dtype)
 
     return jax.tree.map(mix, *trees)
-
-
-def main(argv: list[str] | None = None) -> int:
-    """``python -m sacpo_jax.merge --models A B [--q 0.5 | --weights ...] --output DIR``."""
-    parser = argparse.ArgumentParser(
-        prog="python -m sacpo_jax.merge", description=__doc__.split("\n")[0]
-    )
-    parser.add_argument("--models", nargs="+", required=True, help="Hugging Face model directories")
-    group = parser.add_mutually_exclusive_group(required=True)
-    group.add_argument("--q", type=float, help="two models: theta = (1-q) A + q B")
-    group.add_argument("--weights", type=float, nargs="+", help="one weight per model, sum 1")
-    parser.add_argument("--output", required=True, help="output directory (HF format)")
-    args = parser.parse_args(argv)
-
-    from sacpo_jax import load_model, parallel, save_model
-    from sacpo_jax.models.hf import CheckpointError
-
-    try:
-        weights = two_model_weights(args.q) if args.q is not None else args.weights
-        if args.q is not None and len(args.models) != 2:
-            raise MergeError("--q needs exactly two models")
-        mesh = parallel.make_mesh()  # parameters sharded (FSDP) over all local devices
-        loaded = [load_model(path, mesh=mesh) for path in args.models]
-        merged = merge_models([model for model, _ in loaded], weights)
-        save_model(merged, args.output, loaded[0][1])
-    except (MergeError, CheckpointError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    print(f"merged {len(args.models)} models with weights {list(weights)} into {args.output}")
-    return 0

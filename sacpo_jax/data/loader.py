@@ -33,7 +33,6 @@ from __future__ import annotations
 import functools
 from collections.abc import Iterator, Sequence
 
-import jax
 import numpy as np
 
 from sacpo_jax.data.dataset import TokenizedDataset
@@ -185,19 +184,6 @@ class BatchLoader:
             kl = self.dataset.prompts.lengths[real] + self.dataset.completions[0].lengths[partners]
             needed = max(needed, int(kl.max()))
         return needed
-
-
-def make_global(batch: dict[str, np.ndarray], sharding: jax.sharding.Sharding) -> dict:
-    """Per-process batches -> global jax.Arrays laid out by ``sharding``.
-
-    ``sharding`` shards the batch dimension (e.g. NamedSharding(mesh,
-    P(("data", "fsdp")))), or dimension 1 of [accum, micro, ...] batches
-    (P(None, ("data", "fsdp"))).
-    """
-    return {
-        name: jax.make_array_from_process_local_data(sharding, array)
-        for name, array in batch.items()
-    }
 
 
 def _pack_rows(prompts, completions, length: int, pad_id: int, prefix: str) -> dict:

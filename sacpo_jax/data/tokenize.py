@@ -26,9 +26,16 @@ import numpy as np
 from sacpo_jax.data import errors
 from sacpo_jax.data.errors import BadRow
 
+BUNDLED_TOKENIZER = "bundled:oracle"
+
 
 def load_tokenizer(path: str, *, trust_remote_code: bool = False):
-    """A Hugging Face tokenizer from a directory or hub id; pad = eos when it has no pad token."""
+    """A tokenizer directory or hub id (pad = eos when it has no pad token), or
+    ``bundled:oracle`` for the bundled task's word-level tokenizer."""
+    if path == BUNDLED_TOKENIZER:
+        from sacpo_jax.data.oracle_tokenizer import oracle_tokenizer
+
+        return oracle_tokenizer()
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)

@@ -426,15 +426,6 @@ def load_checkpoint(
 # ----------------------------------------------------------------------------- export
 
 
-def _to_host(x: jax.Array) -> np.ndarray:
-    """The full value on this host (all processes take part when it spans several)."""
-    if x.is_fully_addressable:
-        return np.asarray(x)
-    from jax.experimental import multihost_utils
-
-    return np.asarray(multihost_utils.process_allgather(x, tiled=True))
-
-
 def _plan(model: Llama) -> list[PlannedTensor]:
     config = model.config
     params = {
@@ -449,7 +440,7 @@ def _plan(model: Llama) -> list[PlannedTensor]:
 
         def produce(layer=None, array=array, tmap=tmap, cache=cache):
             if "host" not in cache:  # gather once per parameter, then slice its layers
-                cache["host"] = _to_host(array)
+                cache["host"] = parallel.to_host(array)
             host = cache["host"]
             out = tmap.to_hf(host if layer is None else host[layer], config)
             if layer is None or layer == config.num_hidden_layers - 1:

@@ -4,8 +4,9 @@ SACPO is the chain  sft -> dpo(helpfulness, beta) -> dpo(harmlessness, beta/lamb
 stage k's start is stage k-1's result ("previous") and its reference is its own start,
 so realignment uses the reward-aligned model as both. A stage may instead name any
 earlier stage, or a Hugging Face directory, as its start or reference. A stage with a
-list of betas fans out into one stage per value, all from the same start (a sweep), so
-stage 1 is trained once however many beta/lambda values are tried.
+list of betas fans out into one stage per value, all from the same start (a sweep, see
+``config.expand_stages``), so stage 1 is trained once however many beta/lambda values
+are tried.
 
 Merge stages (P-SACPO) and evaluate stages read earlier results by name. Finished
 stages are not retrained: their exported model is loaded back.
@@ -17,66 +18,14 @@ import os
 from collections.abc import Callable
 from typing import Any
 
-from sacpo_jax.config import TRAINING_KINDS
+from sacpo_jax.config import INITIAL, MergeStage, ReferencedStage, StageBase, TrainedStage
+from sacpo_jax.errors import SacpoError
 from sacpo_jax.models import hf
 from sacpo_jax.models.llama import Llama
 
-INITIAL = "initial"
 
-
-class ChainError(ValueError):
-    """A stage names a start or reference that does not exist; one line."""
-
-
-def sweep_name(name: str, key: str, value: float) -> str:
-    return f"{name}@{key}={value:g}"
-
-
-def expand_sweeps(stages: list) -> list:
-    """One stage per swept value: beta lists (name@beta=b) and merge q lists (name@q=q).
-
-    Swept training stages keep the original start (resolved to a concrete name) so all
-    of them start from the same model; a later "previous" after a sweep is ambiguous.
-    An evaluate stage with models "all" gets every earlier language-model stage.
-    """
-    expanded = []
-    previous = INITIAL
-    for stage in stages:
-        if stage.kind in TRAINING_KINDS:
-            start = previous if stage.start == "previous" else stage.start
-            if start is None:
-                raise ChainError(
-                    f"stage '{stage.name}' follows a sweep: name its start explicitly (one of "
-                    "the swept stages, e.g. start: NAME@beta=0.1)"
-                )
-            stage = stage.model_copy(update={"start": start})
-        swept = _swept_values(stage)
-        if swept is None:
-            expanded.append(_with_models(stage, expanded))
-            previous = stage.name if stage.kind in TRAINING_KINDS + ("merge",) else previous
-            continue
-        key, values = swept
-        for value in values:
-            expanded.append(
-                stage.model_copy(update={"name": sweep_name(stage.name, key, value), key: value})
-            )
-        previous = None
-    return expanded
-
-
-def _swept_values(stage) -> tuple[str, list[float]] | None:
-    for key in ("beta", "q"):
-        value = getattr(stage, key, None)
-        if isinstance(value, list):
-            return key, value
-    return None
-
-
-def _with_models(stage, earlier: list):
-    if stage.kind == "evaluate" and stage.models == "all":
-        names = [s.name for s in earlier if s.kind not in ("reward", "cost", "evaluate")]
-        return stage.model_copy(update={"models": names})
-    return stage
+class ChainError(SacpoError, ValueError):
+    """A stage names a model that does not exist; one line."""
 
 
 def sweep_series(expanded: list) -> dict[str, list[str]]:
@@ -91,7 +40,7 @@ def sweep_series(expanded: list) -> dict[str, list[str]]:
     series = {}
     for base, members in groups.items():
         first = members[0]
-        if first.kind == "merge":
+        if isinstance(first, MergeStage):
             ordered = sorted(members, key=lambda s: s.q)
             series[base] = [first.models[0]] + [s.name for s in ordered] + [first.models[1]]
         else:
@@ -100,22 +49,11 @@ def sweep_series(expanded: list) -> dict[str, list[str]]:
     return series
 
 
-def model_sources(stage) -> list[str]:
-    """Names (or paths) of the models a stage reads."""
-    sources = [getattr(stage, "start", None)]
-    reference = getattr(stage, "reference", None)
-    if reference not in (None, "start"):
-        sources.append(reference)
-    sources += list(getattr(stage, "models", None) or [])
-    sources += [getattr(stage, name, None) for name in ("reward_model", "cost_model")]
-    return [s for s in sources if s]
-
-
-def last_uses(stages: list) -> dict[str, int]:
+def last_uses(stages: list[StageBase]) -> dict[str, int]:
     """For each model name, the index of the last stage that reads it."""
     last: dict[str, int] = {}
     for index, stage in enumerate(stages):
-        for source in model_sources(stage):
+        for source in stage.sources():
             last[source] = index
     return last
 
@@ -147,15 +85,18 @@ class ModelStore:
     def names(self) -> list[str]:
         return list(self._models)
 
-    def start_and_reference(self, stage) -> tuple[Llama, Llama]:
-        """A training stage's start model and its reference ("start": the same model)."""
+    def start_and_reference(self, stage: TrainedStage) -> tuple[Llama, Llama]:
+        """A training stage's start model and its reference (its start unless it names one)."""
         start = self.get(stage.start, stage.name)
-        reference = getattr(stage, "reference", "start")
-        return start, start if reference == "start" else self.get(reference, stage.name)
+        if isinstance(stage, ReferencedStage) and stage.reference != "start":
+            return start, self.get(stage.reference, stage.name)
+        return start, start
 
 
 def run_chain(
-    stages: list, store: ModelStore, run_one: Callable[[Any, ModelStore], Llama | None]
+    stages: list[StageBase],
+    store: ModelStore,
+    run_one: Callable[[StageBase, ModelStore], Llama | None],
 ) -> None:
     """Run the (expanded) stages in order, keeping each result only while it is needed."""
     last = last_uses(stages)

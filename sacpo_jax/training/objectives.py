@@ -1,98 +1,169 @@
-"""What each stage kind minimises, written against a model and a batch.
+"""What each training stage minimises: the ``Objective`` type and its registry.
 
-An objective is ``objective(model, batch, coeffs) -> (loss, metrics, rows)``:
-``loss`` is the scalar to minimise, ``metrics`` are batch means under TRL's names, and
-``rows`` are per-example values from which evaluation recomputes metrics over any
-number of batches. Coefficients (beta, label_smoothing, KTO weights ...) come in
-``coeffs`` as traced scalars; the DPO ``loss_type`` is bound when the objective is built.
+An ``Objective`` holds everything that differs between training losses:
 
-Reference log-probs are read from the batch (``reference_chosen_logps`` etc.), whether
-they were precomputed before training or computed just before the step.
+    loss(model, batch, coeffs) -> (loss, metrics, rows)
+        ``loss`` the scalar to minimise, ``metrics`` batch means under TRL's names,
+        ``rows`` per-example values from which evaluation recomputes metrics over any
+        number of batches (``summarize``).
+    coefficients   a typed pytree of traced scalars (learning rate, beta, ...): new
+                   values never recompile, and a misspelt name fails at trace time.
+    reference      the reference log-prob columns the loss reads from its batches and
+                   how a reference model computes them (None: no reference model).
+    score_model    it trains a score head (reward and cost models).
+
+``OBJECTIVES`` maps each training stage type to the function that builds its objective;
+it is the only place a stage kind meets a loss. A new DPO-family loss is a function
+plus an entry in ``losses.PAIR_LOSSES``; a new stage kind is a config class, an
+objective builder and one entry here.
 """
 
 from __future__ import annotations
 
-import functools
+import dataclasses
 from collections.abc import Callable
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 
 from sacpo_jax import losses
-from sacpo_jax.logprobs import completion_logps
+from sacpo_jax.config import CostStage, DpoStage, KtoStage, RewardStage, SftStage, TrainedStage
+from sacpo_jax.data.dataset import TokenizedDataset
+from sacpo_jax.logprobs import completion_logps, pair_logps
 from sacpo_jax.models.llama import Llama
 
-Objective = Callable[[Llama, dict, dict], tuple[jax.Array, dict, dict]]
+Loss = Callable[[Llama, dict, Any], tuple[jax.Array, dict, dict]]
 
 
-def _concat(batch: dict, first: str, second: str) -> tuple[jax.Array, ...]:
+@dataclasses.dataclass(frozen=True)
+class Reference:
+    """The reference log-prob columns an objective reads, and how a model computes them."""
+
+    columns: tuple[str, ...]
+    compute: Callable[[Llama, dict], dict[str, jax.Array]]
+
+
+def mean_rows(sums: dict[str, float], count: float) -> dict[str, float]:
+    """Evaluation metrics as the mean of each per-example row over the evaluated examples."""
+    return {name: total / max(count, 1.0) for name, total in sums.items()}
+
+
+@dataclasses.dataclass(frozen=True)
+class Objective:
+    loss: Loss
+    coefficients: Any
+    reference: Reference | None = None
+    score_model: bool = False
+    summarize: Callable[[dict[str, float], float], dict[str, float]] = mean_rows
+
+
+# ----------------------------------------------------------------------------- coefficients
+
+
+class Coefficients(NamedTuple):
+    """Objectives whose only coefficient is the peak learning rate (SFT, reward, cost)."""
+
+    learning_rate: float
+
+
+class DpoCoefficients(NamedTuple):
+    """beta: the KL coefficient (beta/lambda in SACPO's realignment); label_smoothing:
+    cDPO / robust eps; rpo_alpha: weight of the chosen-response NLL (TRL's RPO)."""
+
+    learning_rate: float
+    beta: float
+    label_smoothing: float = 0.0
+    rpo_alpha: float = 0.0
+
+
+class KtoCoefficients(NamedTuple):
+    learning_rate: float
+    beta: float
+    desirable_weight: float = 1.0
+    undesirable_weight: float = 1.0
+
+
+def as_arrays(coefficients: NamedTuple) -> NamedTuple:
+    """Python numbers -> float32 scalars, so the step traces them instead of baking them in."""
+    return jax.tree.map(lambda value: jnp.asarray(value, jnp.float32), coefficients)
+
+
+# ----------------------------------------------------------------------------- DPO family
+
+
+def _pair_reference(model: Llama, batch: dict) -> dict[str, jax.Array]:
+    policy = pair_logps(model, batch)
+    return {
+        "reference_chosen_logps": policy["chosen_logps"],
+        "reference_rejected_logps": policy["rejected_logps"],
+    }
+
+
+PAIR_REFERENCE = Reference(("reference_chosen_logps", "reference_rejected_logps"), _pair_reference)
+
+
+def dpo_loss(pair_loss: losses.PairLoss) -> Loss:
+    """A DPO-family loss over pairs; with coeffs.rpo_alpha = a > 0 (TRL's ``rpo_alpha``,
+    RPO: Pang et al. 2024) the per-token NLL of the chosen response is added:
+    loss = dpo + a * (-pi_c / |y_c|). It keeps the chosen answers likely, against the
+    drift of both log-probs downward that plain DPO shows on small models and small beta.
+    """
+
+    def loss(model: Llama, batch: dict, coeffs: DpoCoefficients):
+        policy = pair_logps(model, batch)
+        pairs = losses.PairLogps(
+            policy["chosen_logps"],
+            policy["rejected_logps"],
+            batch["reference_chosen_logps"],
+            batch["reference_rejected_logps"],
+            policy["chosen_lengths"],
+            policy["rejected_lengths"],
+        )
+        per_pair = pair_loss.loss(pairs, coeffs)
+        chosen_rewards, rejected_rewards = losses.implicit_rewards(pairs, coeffs.beta)
+        chosen_nll = -policy["chosen_logps"] / jnp.maximum(policy["chosen_lengths"], 1.0)
+        per_pair = per_pair + coeffs.rpo_alpha * chosen_nll
+        metrics = losses.preference_metrics(
+            chosen_rewards, rejected_rewards, policy["chosen_logps"], policy["rejected_logps"]
+        )
+        metrics["nll/chosen"] = jnp.mean(chosen_nll)
+        metrics["logits/chosen"] = jnp.mean(policy["chosen_logits"])
+        metrics["logits/rejected"] = jnp.mean(policy["rejected_logits"])
+        rows = {
+            "loss": per_pair,
+            "rewards/chosen": chosen_rewards,
+            "rewards/rejected": rejected_rewards,
+            "rewards/accuracies": (chosen_rewards > rejected_rewards).astype(jnp.float32),
+            "rewards/margins": chosen_rewards - rejected_rewards,
+            "logps/chosen": policy["chosen_logps"],
+            "logps/rejected": policy["rejected_logps"],
+        }
+        return jnp.mean(per_pair), metrics, rows
+
+    return loss
+
+
+def dpo(loss_type: str, coefficients: DpoCoefficients) -> Objective:
+    """The DPO objective with ``losses.PAIR_LOSSES[loss_type]``."""
+    return Objective(dpo_loss(losses.PAIR_LOSSES[loss_type]), coefficients, PAIR_REFERENCE)
+
+
+# ----------------------------------------------------------------------------- KTO
+
+
+def _stacked(batch: dict, first: str, second: str) -> tuple[jax.Array, ...]:
+    """(input_ids, attention_mask, loss_mask) of the rows named ``first*`` followed by the
+    rows named ``second*``: one forward for both."""
     return tuple(
-        jnp.concatenate([batch[f"{first}_{name}"], batch[f"{second}_{name}"]])
+        jnp.concatenate([batch[f"{first}{name}"], batch[f"{second}{name}"]])
         for name in ("input_ids", "attention_mask", "loss_mask")
     )
 
 
-def policy_pair_logps(model: Llama, batch: dict) -> dict[str, jax.Array]:
-    """Chosen and rejected in ONE forward over the concatenated [2B] batch."""
-    ids, mask, loss_mask = _concat(batch, "chosen", "rejected")
-    logps, counts, mean_logits = completion_logps(model, ids, mask, loss_mask)
-    n = batch["chosen_input_ids"].shape[0]
-    return {
-        "chosen_logps": logps[:n],
-        "rejected_logps": logps[n:],
-        "chosen_lengths": counts[:n],
-        "rejected_lengths": counts[n:],
-        "chosen_logits": mean_logits[:n],
-        "rejected_logits": mean_logits[n:],
-    }
-
-
-def dpo_objective(model: Llama, batch: dict, coeffs: dict, *, loss_type: str = "sigmoid"):
-    """DPO family (sigmoid / cDPO / robust / hinge / IPO) with coefficient coeffs["beta"].
-
-    With coeffs["rpo_alpha"] = a > 0 (TRL's ``rpo_alpha``, RPO: Pang et al. 2024) the
-    per-token NLL of the chosen response is added: loss = dpo + a * (-pi_c / |y_c|).
-    It keeps the chosen answers likely, against the drift of both log-probs downward
-    that plain DPO shows on small models and small beta.
-    """
-    policy = policy_pair_logps(model, batch)
-    per_pair, chosen_rewards, rejected_rewards = losses.dpo_loss(
-        policy["chosen_logps"],
-        policy["rejected_logps"],
-        batch["reference_chosen_logps"],
-        batch["reference_rejected_logps"],
-        beta=coeffs["beta"],
-        loss_type=loss_type,
-        label_smoothing=coeffs.get("label_smoothing", 0.0),
-        chosen_lengths=policy["chosen_lengths"],
-        rejected_lengths=policy["rejected_lengths"],
-    )
-    chosen_nll = -policy["chosen_logps"] / jnp.maximum(policy["chosen_lengths"], 1.0)
-    per_pair = per_pair + coeffs.get("rpo_alpha", 0.0) * chosen_nll
-    metrics = losses.preference_metrics(
-        chosen_rewards, rejected_rewards, policy["chosen_logps"], policy["rejected_logps"]
-    )
-    metrics["nll/chosen"] = jnp.mean(chosen_nll)
-    metrics["logits/chosen"] = jnp.mean(policy["chosen_logits"])
-    metrics["logits/rejected"] = jnp.mean(policy["rejected_logits"])
-    rows = {
-        "loss": per_pair,
-        "rewards/chosen": chosen_rewards,
-        "rewards/rejected": rejected_rewards,
-        "rewards/accuracies": (chosen_rewards > rejected_rewards).astype(jnp.float32),
-        "rewards/margins": chosen_rewards - rejected_rewards,
-        "logps/chosen": policy["chosen_logps"],
-        "logps/rejected": policy["rejected_logps"],
-    }
-    return jnp.mean(per_pair), metrics, rows
-
-
-def kto_objective(model: Llama, batch: dict, coeffs: dict):
+def kto_loss(model: Llama, batch: dict, coeffs: KtoCoefficients):
     """KTO: one forward over [examples; mismatched KL rows], KL estimate without gradient."""
-    ids = jnp.concatenate([batch["input_ids"], batch["kl_input_ids"]])
-    mask = jnp.concatenate([batch["attention_mask"], batch["kl_attention_mask"]])
-    loss_mask = jnp.concatenate([batch["loss_mask"], batch["kl_loss_mask"]])
-    logps = completion_logps(model, ids, mask, loss_mask).logps
+    logps = completion_logps(model, *_stacked(batch, "", "kl_")).logps
     n = batch["input_ids"].shape[0]
     kl = losses.kto_kl_estimate(logps[n:], batch["reference_kl_logps"])
     per_example, rewards = losses.kto_loss(
@@ -100,9 +171,9 @@ def kto_objective(model: Llama, batch: dict, coeffs: dict):
         batch["reference_logps"],
         batch["label"],
         kl,
-        beta=coeffs["beta"],
-        desirable_weight=coeffs.get("desirable_weight", 1.0),
-        undesirable_weight=coeffs.get("undesirable_weight", 1.0),
+        beta=coeffs.beta,
+        desirable_weight=coeffs.desirable_weight,
+        undesirable_weight=coeffs.undesirable_weight,
     )
     desirable = batch["label"].astype(jnp.float32)
     metrics = {
@@ -116,11 +187,29 @@ def kto_objective(model: Llama, batch: dict, coeffs: dict):
     return jnp.mean(per_example), metrics, rows
 
 
+def _kto_reference(model: Llama, batch: dict) -> dict[str, jax.Array]:
+    out = {}
+    for prefix, name in (("", "reference_logps"), ("kl_", "reference_kl_logps")):
+        out[name] = completion_logps(
+            model,
+            batch[f"{prefix}input_ids"],
+            batch[f"{prefix}attention_mask"],
+            batch[f"{prefix}loss_mask"],
+        ).logps
+    return out
+
+
+KTO_REFERENCE = Reference(("reference_logps", "reference_kl_logps"), _kto_reference)
+
+
 def _masked_mean(values: jax.Array, mask: jax.Array) -> jax.Array:
     return jnp.sum(values * mask) / jnp.maximum(jnp.sum(mask), 1.0)
 
 
-def sft_objective(model: Llama, batch: dict, coeffs: dict):
+# ----------------------------------------------------------------------------- SFT
+
+
+def sft_loss(model: Llama, batch: dict, coeffs: Coefficients):
     """Mean negative log-likelihood per completion token."""
     ids, mask, loss_mask = batch["input_ids"], batch["attention_mask"], batch["loss_mask"]
     logps, counts, _ = completion_logps(model, ids, mask, loss_mask)
@@ -128,14 +217,22 @@ def sft_objective(model: Llama, batch: dict, coeffs: dict):
     return loss, {"nll": loss}, {"nll_sum": -logps, "tokens": counts}
 
 
+def token_weighted_nll(sums: dict[str, float], count: float) -> dict[str, float]:
+    """Held-out NLL per completion token over the whole evaluation set."""
+    return {"nll": sums["nll_sum"] / max(sums["tokens"], 1.0)}
+
+
+# ----------------------------------------------------------------------------- score models
+
+
 def _pair_scores(model: Llama, batch: dict) -> tuple[jax.Array, jax.Array]:
-    ids, mask, _ = _concat(batch, "chosen", "rejected")
+    ids, mask, _ = _stacked(batch, "chosen_", "rejected_")
     scores = model(ids, mask)
     n = batch["chosen_input_ids"].shape[0]
     return scores[:n], scores[n:]
 
 
-def reward_objective(model: Llama, batch: dict, coeffs: dict):
+def reward_loss(model: Llama, batch: dict, coeffs: Coefficients):
     """Bradley-Terry on (better = chosen, worse = rejected) scores."""
     better, worse = _pair_scores(model, batch)
     per_pair = losses.bradley_terry_loss(better, worse)
@@ -145,7 +242,7 @@ def reward_objective(model: Llama, batch: dict, coeffs: dict):
     return jnp.mean(per_pair), metrics, {"loss": per_pair, "accuracy": correct}
 
 
-def cost_objective(model: Llama, batch: dict, coeffs: dict):
+def cost_loss(model: Llama, batch: dict, coeffs: Coefficients):
     """safe-rlhf cost loss on (safer = chosen, unsafer = rejected) with safety signs."""
     safer, unsafer = _pair_scores(model, batch)
     safer_signs, unsafer_signs = batch["chosen_sign"], batch["rejected_sign"]
@@ -173,44 +270,51 @@ def cost_objective(model: Llama, batch: dict, coeffs: dict):
     return jnp.mean(per_pair), metrics, rows
 
 
-def build_objective(kind: str, loss_type: str = "sigmoid") -> Objective:
-    """The objective of a stage kind: dpo | kto | sft | reward | cost."""
-    objectives = {
-        "dpo": functools.partial(dpo_objective, loss_type=loss_type),
-        "kto": kto_objective,
-        "sft": sft_objective,
-        "reward": reward_objective,
-        "cost": cost_objective,
-    }
-    if kind not in objectives:
-        raise ValueError(f"unknown objective {kind!r}; valid: {', '.join(objectives)}")
-    return objectives[kind]
+# ----------------------------------------------------------------------------- the registry
 
 
-def reference_columns(kind: str) -> tuple[str, ...]:
-    """The reference log-prob columns an objective reads from its batches."""
-    return {
-        "dpo": ("reference_chosen_logps", "reference_rejected_logps"),
-        "kto": ("reference_logps", "reference_kl_logps"),
-    }.get(kind, ())
+def _sft(stage: SftStage, dataset: TokenizedDataset) -> Objective:
+    coefficients = Coefficients(stage.train.learning_rate)
+    return Objective(sft_loss, coefficients, summarize=token_weighted_nll)
 
 
-def reference_logps(model: Llama, batch: dict, kind: str) -> dict[str, jax.Array]:
-    """The reference model's log-probs for a batch, under the names the objective reads."""
-    if kind == "dpo":
-        policy = policy_pair_logps(model, batch)
-        return {
-            "reference_chosen_logps": policy["chosen_logps"],
-            "reference_rejected_logps": policy["rejected_logps"],
-        }
-    if kind == "kto":
-        out = {}
-        for prefix, name in (("", "reference_logps"), ("kl_", "reference_kl_logps")):
-            out[name] = completion_logps(
-                model,
-                batch[f"{prefix}input_ids"],
-                batch[f"{prefix}attention_mask"],
-                batch[f"{prefix}loss_mask"],
-            ).logps
-        return out
-    return {}
+def _dpo(stage: DpoStage, dataset: TokenizedDataset) -> Objective:
+    coefficients = DpoCoefficients(
+        stage.train.learning_rate, float(stage.beta), stage.label_smoothing, stage.rpo_alpha
+    )
+    return dpo(stage.loss_type, coefficients)
+
+
+def _kto(stage: KtoStage, dataset: TokenizedDataset) -> Objective:
+    weight = stage.undesirable_weight
+    if weight == "balanced":
+        labels = dataset.columns["label"]
+        weight = losses.kto_safety_undesirable_weight(int(labels.sum()), int((1 - labels).sum()))
+    coefficients = KtoCoefficients(
+        stage.train.learning_rate, float(stage.beta), stage.desirable_weight, float(weight)
+    )
+    return Objective(kto_loss, coefficients, KTO_REFERENCE)
+
+
+def _reward(stage: RewardStage, dataset: TokenizedDataset) -> Objective:
+    coefficients = Coefficients(stage.train.learning_rate)
+    return Objective(reward_loss, coefficients, score_model=True)
+
+
+def _cost(stage: CostStage, dataset: TokenizedDataset) -> Objective:
+    coefficients = Coefficients(stage.train.learning_rate)
+    return Objective(cost_loss, coefficients, score_model=True)
+
+
+OBJECTIVES: dict[type, Callable[[Any, TokenizedDataset], Objective]] = {
+    SftStage: _sft,
+    DpoStage: _dpo,
+    KtoStage: _kto,
+    RewardStage: _reward,
+    CostStage: _cost,
+}
+
+
+def for_stage(stage: TrainedStage, dataset: TokenizedDataset) -> Objective:
+    """The objective of a training stage on its (tokenised) training data."""
+    return OBJECTIVES[type(stage)](stage, dataset)

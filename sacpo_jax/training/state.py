@@ -1,20 +1,21 @@
-"""The pure train state and the optimiser.
+"""The pure train state, split into trainable and frozen parameters.
 
-TrainState is a plain pytree (step, params, opt_state, rng): a stage maps one state to
-the next by a compiled function, and the stepwise SACPO schedule is a chain of such
-states. ``params`` is the model's pure parameter dict (``nnx.split`` + ``to_pure_dict``);
-``rng`` is raw uint32 key data so that checkpoints store it as an ordinary array.
+A stage maps one ``TrainState`` to the next by a compiled function; the stepwise SACPO
+schedule is a chain of such states. Parameters are the model's pure parameter dict
+(``nnx.split`` + ``to_pure_dict``), split by a ``Trainable`` predicate on each leaf's
+path name ("layers/q", "embed", ...):
 
-Optimiser: AdamW with global-norm clipping and a warmup + cosine schedule. The schedule
-is a *shape* in [0, 1]; the peak learning rate is a traced coefficient multiplied in by
-the step, so changing it never recompiles:
-    update = -lr * s(t) * (adam(g) + weight_decay * theta)
-With ``moments_dtype`` Adam runs in that dtype (moments stored in it, gradients cast
-to it), whatever the parameters' dtype; the update is cast back when applied.
+    params     the leaves that train: differentiated, clipped, updated, with Adam state
+    frozen     every other leaf: read by the forward pass, never updated, no optimiser state
+    opt_state  the optimiser's state of ``params`` only
+
+Full fine-tuning is ``train_all`` (``frozen`` is empty); adapters (LoRA) train only
+their own leaves. The model is ``nnx.merge(graphdef, join(params, frozen))``.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import jax
@@ -24,59 +25,30 @@ from flax import nnx, struct
 
 from sacpo_jax.models.llama import Llama
 
+Trainable = Callable[[str], bool]
+"""Whether the parameter at a path name ("layers/q") trains."""
+
+
+def train_all(name: str) -> bool:
+    """Every parameter trains (full fine-tuning)."""
+    return True
+
 
 @struct.dataclass
 class TrainState:
     step: jax.Array
     params: Any
     opt_state: Any
-    rng: jax.Array
+    frozen: Any
 
+    def model_params(self) -> dict:
+        """The whole parameter dict: trainable and frozen leaves together."""
+        return join(self.params, self.frozen)
 
-def schedule_shape(total_steps: int, warmup_ratio: float) -> optax.Schedule:
-    """Linear warmup from 0 to 1 over warmup_ratio * total_steps, then cosine to 0."""
-    warmup = int(round(warmup_ratio * total_steps))
-    return optax.warmup_cosine_decay_schedule(
-        init_value=0.0,
-        peak_value=1.0,
-        warmup_steps=warmup,
-        decay_steps=max(total_steps, warmup + 1),
-        end_value=0.0,
-    )
-
-
-def make_optimizer(
-    total_steps: int,
-    *,
-    warmup_ratio: float = 0.03,
-    weight_decay: float = 0.0,
-    max_grad_norm: float = 1.0,
-    b1: float = 0.9,
-    b2: float = 0.999,
-    eps: float = 1e-8,
-    moments_dtype: str | None = None,
-) -> optax.GradientTransformation:
-    """AdamW direction times the schedule shape; the step multiplies by -learning_rate."""
-    parts = [optax.clip_by_global_norm(max_grad_norm)] if max_grad_norm > 0 else []
-    adam = optax.scale_by_adam(b1=b1, b2=b2, eps=eps)
-    parts += [in_dtype(adam, moments_dtype) if moments_dtype else adam]
-    if weight_decay:
-        parts.append(optax.add_decayed_weights(weight_decay))
-    parts.append(optax.scale_by_schedule(schedule_shape(total_steps, warmup_ratio)))
-    return optax.chain(*parts)
-
-
-def in_dtype(inner: optax.GradientTransformation, dtype: str) -> optax.GradientTransformation:
-    """``inner`` run on gradients and parameters cast to ``dtype``: its state and its
-    output are in ``dtype`` (e.g. float32 Adam moments for bfloat16 parameters)."""
-
-    def cast(tree):
-        return jax.tree.map(lambda x: x.astype(dtype), tree)
-
-    def update(updates, state, params=None):
-        return inner.update(cast(updates), state, None if params is None else cast(params))
-
-    return optax.GradientTransformation(lambda params: inner.init(cast(params)), update)
+    def saved(self) -> dict:
+        """What a checkpoint stores: everything but the frozen leaves (the stage's start
+        model holds them already, bit for bit)."""
+        return {"step": self.step, "params": self.params, "opt_state": self.opt_state}
 
 
 def split_model(model: Llama) -> tuple[nnx.GraphDef, dict]:
@@ -85,11 +57,41 @@ def split_model(model: Llama) -> tuple[nnx.GraphDef, dict]:
     return graphdef, nnx.to_pure_dict(state)
 
 
-def create_state(params: dict, optimizer: optax.GradientTransformation, seed: int) -> TrainState:
+def partition(params: dict, trainable: Trainable) -> tuple[dict, dict]:
+    """(trainable leaves, frozen leaves) of a nested parameter dict, each a nested dict
+    holding only its own leaves."""
+
+    def keep(select: bool) -> dict:
+        def walk(node: dict, prefix: str) -> dict:
+            out = {}
+            for key, value in node.items():
+                name = f"{prefix}/{key}" if prefix else key
+                if isinstance(value, dict):
+                    sub = walk(value, name)
+                    if sub:
+                        out[key] = sub
+                elif trainable(name) == select:
+                    out[key] = value
+            return out
+
+        return walk(params, "")
+
+    return keep(True), keep(False)
+
+
+def join(first: dict, second: dict) -> dict:
+    """The union of two nested dicts with disjoint leaves (inverse of ``partition``)."""
+    out = dict(first)
+    for key, value in second.items():
+        out[key] = join(out[key], value) if isinstance(value, dict) and key in out else value
+    return out
+
+
+def create_state(params: dict, frozen: dict, optimizer: optax.GradientTransformation):
     """Step 0 of a stage. Call under jax.jit with out_shardings to create it sharded."""
     return TrainState(
         step=jnp.zeros((), jnp.int32),
         params=params,
         opt_state=optimizer.init(params),
-        rng=jax.random.PRNGKey(seed),
+        frozen=frozen,
     )

@@ -2,8 +2,10 @@
 
 ``train_step(state, batch, coeffs) -> (state, metrics)`` is jitted once per batch shape
 with explicit shardings (state: by partition rules over data/fsdp/tensor; batch: rows
-over (data, fsdp)) and the state donated. ``coeffs`` is a dict of float32 scalars
-(learning_rate, beta, ...): traced, so new values never recompile.
+over (data, fsdp)). The trainable part of the state (step, params, optimiser state) is
+donated and updated; the frozen parameters are read, never written and never donated,
+so a reference that shares them stays valid. ``coeffs`` is a NamedTuple of float32
+scalars (learning_rate, beta, ...): traced, so new values never recompile.
 
 Gradient accumulation: a batch of shape [accum, micro, ...] is scanned micro-batch by
 micro-batch, gradients are averaged, and one update is applied.
@@ -17,92 +19,90 @@ import jax
 import jax.numpy as jnp
 import optax
 from flax import nnx
-from jax.sharding import Mesh, NamedSharding, PartitionSpec
+from jax.sharding import Mesh
 
 from sacpo_jax import parallel
-from sacpo_jax.training.objectives import Objective, reference_logps
-from sacpo_jax.training.state import TrainState
-
-
-def batch_shardings(mesh: Mesh, batch: dict, grad_accum: int = 1) -> dict:
-    """Rows over (data, fsdp); with accumulation the row axis is axis 1."""
-    lead = (None,) if grad_accum > 1 else ()
-    return {
-        name: NamedSharding(
-            mesh,
-            PartitionSpec(*lead, parallel.BATCH_AXES, *([None] * (x.ndim - 1 - len(lead)))),
-        )
-        for name, x in batch.items()
-    }
-
-
-def coefficient_arrays(coeffs: dict[str, float]) -> dict[str, jax.Array]:
-    """Python numbers -> float32 scalars, so the step traces them instead of baking them in."""
-    return {name: jnp.asarray(value, jnp.float32) for name, value in coeffs.items()}
+from sacpo_jax.training.objectives import Loss, Reference
+from sacpo_jax.training.state import TrainState, join
 
 
 def make_train_step(
     graphdef: nnx.GraphDef,
-    objective: Objective,
+    loss: Loss,
     optimizer: optax.GradientTransformation,
     *,
-    state_shardings,
-    batch_shardings: dict,
+    state_shardings: TrainState,
     mesh: Mesh,
     grad_accum: int = 1,
 ) -> Callable:
-    def loss_fn(params, micro, coeffs):
-        loss, metrics, _ = objective(nnx.merge(graphdef, params), micro, coeffs)
-        return loss, metrics
+    """``train_step(state, batch, coeffs)``; ``train_step.compiled`` is the jitted update
+    of the trainable part, ``(trainable_state, frozen, batch, coeffs)``."""
+
+    def loss_fn(params, frozen, micro, coeffs):
+        value, metrics, _ = loss(nnx.merge(graphdef, join(params, frozen)), micro, coeffs)
+        return value, metrics
 
     grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
 
-    def step(state: TrainState, batch: dict, coeffs: dict):
+    def step(state: TrainState, frozen, batch: dict, coeffs):
         micro_batches = batch if grad_accum > 1 else jax.tree.map(lambda x: x[None], batch)
 
         def accumulate(grads_sum, micro):
-            (loss, metrics), grads = grad_fn(state.params, micro, coeffs)
-            return jax.tree.map(jnp.add, grads_sum, grads), {"loss": loss, **metrics}
+            (value, metrics), grads = grad_fn(state.params, frozen, micro, coeffs)
+            return jax.tree.map(jnp.add, grads_sum, grads), {"loss": value, **metrics}
 
         zeros = jax.tree.map(jnp.zeros_like, state.params)
         grads, metrics = jax.lax.scan(accumulate, zeros, micro_batches)
         grads = jax.tree.map(lambda g: g / grad_accum, grads)
         metrics = jax.tree.map(jnp.mean, metrics)
         direction, opt_state = optimizer.update(grads, state.opt_state, state.params)
-        updates = jax.tree.map(lambda d: -coeffs["learning_rate"] * d, direction)
+        updates = jax.tree.map(lambda d: -coeffs.learning_rate * d, direction)
         metrics["grad_norm"] = optax.global_norm(grads)
         new_state = TrainState(
             step=state.step + 1,
             params=optax.apply_updates(state.params, updates),
             opt_state=opt_state,
-            rng=jax.random.fold_in(state.rng, state.step),
+            frozen=None,
         )
         return new_state, metrics
 
+    trainable = state_shardings.replace(frozen=None)
     replicated = parallel.replicated(mesh)
-    return jax.jit(
+    compiled = jax.jit(
         step,
-        in_shardings=(state_shardings, batch_shardings, replicated),
-        out_shardings=(state_shardings, replicated),
+        in_shardings=(
+            trainable,
+            state_shardings.frozen,
+            parallel.batch_sharding(mesh, grad_accum),
+            replicated,
+        ),
+        out_shardings=(trainable, replicated),
         donate_argnums=(0,),
     )
 
+    def train_step(state: TrainState, batch: dict, coeffs) -> tuple[TrainState, dict]:
+        new_state, metrics = compiled(state.replace(frozen=None), state.frozen, batch, coeffs)
+        return new_state.replace(frozen=state.frozen), metrics
 
-def make_eval_step(graphdef: nnx.GraphDef, objective: Objective) -> Callable:
+    train_step.compiled = compiled
+    return train_step
+
+
+def make_eval_step(graphdef: nnx.GraphDef, loss: Loss) -> Callable:
     """eval_step(params, batch, coeffs) -> per-example rows (no gradients)."""
 
     @jax.jit
     def eval_step(params, batch, coeffs):
-        return objective(nnx.merge(graphdef, params), batch, coeffs)[2]
+        return loss(nnx.merge(graphdef, params), batch, coeffs)[2]
 
     return eval_step
 
 
-def make_reference_step(graphdef: nnx.GraphDef, kind: str) -> Callable:
-    """reference_step(params, batch) -> {reference_* column: [batch] log-probs}."""
+def make_reference_step(graphdef: nnx.GraphDef, reference: Reference) -> Callable:
+    """reference_step(params, batch) -> {reference column: [batch] log-probs}."""
 
     @jax.jit
     def reference_step(params, batch):
-        return reference_logps(nnx.merge(graphdef, params), batch, kind)
+        return reference.compute(nnx.merge(graphdef, params), batch)
 
     return reference_step

@@ -8,9 +8,12 @@ from __future__ import annotations
 import json
 import math
 import os
+from pathlib import Path
 from typing import Any
 
 import jax
+
+from sacpo_jax.errors import SacpoError
 
 
 class MetricsLogger:
@@ -69,7 +72,25 @@ def _number(value: Any) -> Any:
         return value
 
 
-def read_metrics(path: str) -> list[dict]:
-    """All records of a metrics.jsonl file."""
-    with open(path, encoding="utf-8") as f:
-        return [json.loads(line) for line in f if line.strip()]
+class MetricsLogError(SacpoError, ValueError):
+    """A metrics.jsonl file that cannot be read back; one line naming the file and line."""
+
+
+def read_metrics(path: str | Path) -> list[dict]:
+    """All records of a metrics.jsonl file (each a JSON object with a "step")."""
+    rows = []
+    try:
+        lines = Path(path).read_text(encoding="utf-8").splitlines()
+    except OSError as error:
+        raise MetricsLogError(f"{path}: cannot read metrics log ({error.strerror})") from None
+    for line_number, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            raise MetricsLogError(f"{path}:{line_number}: not a JSON object") from None
+        if not isinstance(row, dict) or "step" not in row:
+            raise MetricsLogError(f"{path}:{line_number}: expected a JSON object with a 'step'")
+        rows.append(row)
+    return rows

@@ -1,0 +1,161 @@
+"""A training stage end to end: data, reference columns, the loop, evaluation, export.
+
+``run_training_stage`` takes the stage's start model (and its reference, for objectives
+that have one) and returns the trained model; the chain (``training.chain``) links
+stages into the SACPO schedule. A finished stage (its ``checkpoints/FINISHED.json``) is
+loaded from its export instead of trained again.
+
+Resume: a checkpoint's meta holds the step; the loader's batch is a pure function of
+(seed, step), so a restarted stage sees exactly the batches it would have seen.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+
+import jax
+from flax import nnx
+
+from sacpo_jax import checkpoint
+from sacpo_jax.config import SupervisedStage
+from sacpo_jax.data.pipeline import build_dataset
+from sacpo_jax.metrics_log import MetricsLogger
+from sacpo_jax.models import hf
+from sacpo_jax.models.fingerprint import params_fingerprint
+from sacpo_jax.models.init import with_score_head
+from sacpo_jax.models.llama import Llama
+from sacpo_jax.training import objectives
+from sacpo_jax.training.context import StageContext
+from sacpo_jax.training.loop import Trainer, TrainingLoop
+from sacpo_jax.training.optim import stage_optimizer
+from sacpo_jax.training.reference import OnTheFlyReference, add_reference_columns
+from sacpo_jax.training.state import TrainState, split_model
+
+MODEL_DIR = "model"
+CHECKPOINTS_DIR = "checkpoints"  # also where StageCheckpointer.mark_finished writes FINISHED.json
+
+
+def is_finished(ctx: StageContext) -> bool:
+    return checkpoint.is_finished(os.path.join(ctx.stage_dir, CHECKPOINTS_DIR)) is not None
+
+
+def load_export(ctx: StageContext, like: Llama) -> Llama:
+    """A stage's exported model, with ``like``'s execution options, on the stage's mesh."""
+    c = like.config
+    return hf.load_checkpoint(
+        os.path.join(ctx.stage_dir, MODEL_DIR),
+        mesh=ctx.mesh,
+        scan_layers=c.scan_layers,
+        remat=c.remat,
+        compute_dtype=c.dtype,
+    )
+
+
+def open_checkpoints(ctx: StageContext, train) -> checkpoint.StageCheckpointer:
+    return checkpoint.StageCheckpointer(
+        os.path.join(ctx.stage_dir, CHECKPOINTS_DIR),
+        save_every=train.save_every,
+        keep=train.keep_checkpoints,
+    )
+
+
+def open_logger(ctx: StageContext, name: str) -> MetricsLogger:
+    return MetricsLogger(
+        ctx.stage_dir, tensorboard=ctx.tensorboard, wandb_project=ctx.wandb_project, run_name=name
+    )
+
+
+def run_training_stage(
+    stage: SupervisedStage, start: Llama, reference: Llama | None, ctx: StageContext
+) -> Llama:
+    """Train ``stage`` from ``start`` (against ``reference`` where its objective has one);
+    returns the trained model."""
+    if is_finished(ctx):
+        return load_export(ctx, start)
+    train = stage.train
+    dataset, skipped = build_dataset(stage.data, ctx.tokenizer, cache_dir=ctx.cache_dir)
+    eval_dataset = None
+    if stage.eval_data is not None:
+        eval_dataset, _ = build_dataset(stage.eval_data, ctx.tokenizer, cache_dir=ctx.cache_dir)
+    objective = objectives.for_stage(stage, dataset)
+    if objective.score_model and not start.config.score_model:
+        start = with_score_head(start, ctx.seed)
+    on_the_fly = None
+    if objective.reference is not None and stage.reference_mode == "on_the_fly":
+        on_the_fly = OnTheFlyReference(reference, objective.reference)
+    elif objective.reference is not None:
+        batch = train.eval_batch_size or train.batch_size
+        dataset = add_reference_columns(
+            dataset, stage.data, reference, objective.reference, ctx, batch
+        )
+        if eval_dataset is not None:
+            eval_dataset = add_reference_columns(
+                eval_dataset, stage.eval_data, reference, objective.reference, ctx, batch
+            )
+
+    loader = ctx.loader(
+        dataset, stage.data, train.batch_size, train=True, grad_accum=train.grad_accum
+    )
+    total = train.max_steps or max(1, math.ceil(train.epochs * loader.steps_per_epoch))
+    graphdef, params = split_model(start)
+    trainer = Trainer(
+        objective,
+        graphdef,
+        start.config,
+        stage_optimizer(train, total),
+        ctx.mesh,
+        grad_accum=train.grad_accum,
+        reference=on_the_fly,
+    )
+
+    def evaluate(model_params: dict) -> dict[str, float]:
+        batch = train.eval_batch_size or train.batch_size
+        return trainer.evaluate(model_params, eval_dataset, stage.eval_data, ctx, batch)
+
+    loop = TrainingLoop(
+        stage.name,
+        trainer,
+        train,
+        ctx,
+        open_checkpoints(ctx, train),
+        open_logger(ctx, stage.name),
+        evaluate if eval_dataset is not None else None,
+    )
+    latest = loop.checkpointer.latest_step()
+    if latest is None:
+        state, first = trainer.fresh_state(params), 0
+        if skipped:
+            report_skipped(loop, skipped)
+    else:
+        state, meta = trainer.restore(loop.checkpointer, latest, params)
+        first = int(meta["step"])
+    del params  # the state holds the trained copy now
+    state = loop.run(state, loader.iterate(first, total - first), first=first, total=total)
+    return finish(loop, state, total)
+
+
+def report_skipped(loop: TrainingLoop, skipped: dict[str, int]) -> None:
+    loop.logger.log(0, {f"data/skipped/{reason}": n for reason, n in skipped.items()})
+    if jax.process_index() == 0:
+        counts = ", ".join(f"{r}={n}" for r, n in skipped.items())
+        print(f"[{loop.name}] skipped rows: {counts}")
+
+
+def finish(loop: TrainingLoop, state: TrainState, total: int) -> Llama:
+    """Final evaluation, final checkpoint, HF export, FINISHED marker."""
+    stage_dir = loop.ctx.stage_dir
+    if loop.evaluate is not None:
+        results = loop.evaluate(state.model_params())
+        loop.logger.log(total, results, prefix="eval/")
+        if jax.process_index() == 0:
+            with open(os.path.join(stage_dir, "eval.json"), "w") as f:
+                json.dump(results, f, indent=2)
+    loop.checkpointer.save(total, state.saved(), {"step": total}, force=True)
+    model = nnx.merge(loop.trainer.graphdef, state.model_params())
+    hf.save_checkpoint(model, os.path.join(stage_dir, MODEL_DIR), loop.ctx.tokenizer)
+    loop.checkpointer.mark_finished({"step": total, "fingerprint": params_fingerprint(model)})
+    loop.checkpointer.close()
+    loop.logger.close()
+    return model
