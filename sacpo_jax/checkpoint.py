@@ -57,10 +57,12 @@ import numpy as np
 import orbax.checkpoint as ocp
 from jax.experimental import multihost_utils
 
+from sacpo_jax.errors import SacpoError
+
 FINISHED_FILE = "FINISHED.json"
 
 
-class CheckpointError(Exception):
+class CheckpointError(SacpoError):
     """A checkpoint cannot be written or read as asked."""
 
 

@@ -16,8 +16,10 @@ from collections.abc import Iterable, Mapping, Sequence
 
 import numpy as np
 
+from sacpo_jax.errors import SacpoError
 
-class MetricInputError(ValueError):
+
+class MetricInputError(SacpoError, ValueError):
     """Raised when metric inputs are empty, misaligned or hold invalid values."""
 
 

@@ -33,6 +33,7 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from sacpo_jax import parallel
+from sacpo_jax.errors import SacpoError
 from sacpo_jax.models.llama import Llama, positions_from_mask, rms_norm, run_layers
 
 # Stop strings of the SACPO paper's evaluation (Wachi et al., 2024, appendix).
@@ -51,7 +52,7 @@ MIN_PROMPT_BUCKET = 16
 NEG_INF = jnp.finfo(jnp.float32).min
 
 
-class GenerationError(ValueError):
+class GenerationError(SacpoError, ValueError):
     """Invalid generation request (arguments, prompts or model)."""
 
 

@@ -17,6 +17,8 @@ import urllib.request
 from dataclasses import dataclass
 from typing import Protocol
 
+from sacpo_jax.errors import SacpoError
+
 CRITERIA = {
     "helpfulness": (
         "helpfulness: how well the response fulfils the user's request with accurate, "
@@ -41,7 +43,7 @@ USER_TEMPLATE = "[User prompt]\n{prompt}\n\n[Response A]\n{first}\n\n[Response B
 _VERDICT = re.compile(r"\[\[([ABC])\]\]")
 
 
-class JudgeError(RuntimeError):
+class JudgeError(SacpoError, RuntimeError):
     """Raised when the judge endpoint cannot be reached or answers malformed JSON."""
 
 

@@ -24,8 +24,10 @@ import jax
 import jax.numpy as jnp
 from jax.typing import ArrayLike
 
+from sacpo_jax.errors import SacpoError
 
-class LossConfigError(ValueError):
+
+class LossConfigError(SacpoError, ValueError):
     """A loss was asked for with an unknown type or inconsistent arguments."""
 
 

@@ -14,6 +14,8 @@ from pathlib import Path
 
 import pytest
 
+pytestmark = pytest.mark.slow  # an end-to-end run: the full suite only
+
 ROOT = Path(__file__).resolve().parent.parent
 
 

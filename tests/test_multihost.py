@@ -27,6 +27,8 @@ from safetensors.numpy import load_file
 
 from sacpo_jax.data.oracle_tokenizer import oracle_tokenizer
 
+pytestmark = pytest.mark.slow  # an end-to-end run: the full suite only
+
 ROOT = Path(__file__).resolve().parent.parent
 LAUNCHER = ROOT / "launch" / "localhost.py"
 STEPS, STOP = 20, 10

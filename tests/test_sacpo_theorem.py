@@ -18,6 +18,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+import pytest
 from flax import nnx
 
 from sacpo_jax import losses, parallel
@@ -29,6 +30,8 @@ from sacpo_jax.models.init import init_model
 from sacpo_jax.models.llama import tiny_config
 from sacpo_jax.scoring import sequence_logprobs
 from sacpo_jax.training.objectives import Coefficients, sft_loss
+
+pytestmark = pytest.mark.slow  # an end-to-end run: the full suite only
 
 BETA, LAM = 1.0, 1.0
 LENGTH = 48

@@ -157,6 +157,7 @@ def model_bytes(run_dir: Path, stage: str) -> bytes:
     return (run_dir / "stages" / stage / "model" / "model.safetensors").read_bytes()
 
 
+@pytest.mark.slow
 def test_sigterm_and_kill_9_resume_to_bit_identical_models(cli_env, tmp_path):
     config = write_config(tmp_path / "chain.yaml", chain_config())
     reference_dir, resumed_dir = tmp_path / "uninterrupted", tmp_path / "resumed"

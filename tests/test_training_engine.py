@@ -330,6 +330,7 @@ def bundled_chain(tmp_path_factory):
     }
 
 
+@pytest.mark.slow
 def test_sft_lowers_held_out_nll(bundled_chain):
     initial, trained = bundled_chain["initial_nll"], bundled_chain["results"]["sft"]["nll"]
     # A near-uniform random model: NLL ~ log(vocabulary size) nats per token.
@@ -339,6 +340,7 @@ def test_sft_lowers_held_out_nll(bundled_chain):
     assert trained < initial - 2.0
 
 
+@pytest.mark.slow
 def test_dpo_lifts_held_out_reward_accuracy(bundled_chain):
     optimal = bayes_pair_accuracy(bundled_chain["test_rows"], "reward")
     accuracy = bundled_chain["results"]["dpo"]["rewards/accuracies"]
@@ -347,12 +349,14 @@ def test_dpo_lifts_held_out_reward_accuracy(bundled_chain):
     assert accuracy >= 0.85 * optimal and accuracy > 0.65
 
 
+@pytest.mark.slow
 def test_reward_model_ranks_held_out_pairs(bundled_chain):
     optimal = bayes_pair_accuracy(bundled_chain["test_rows"], "reward")
     accuracy = bundled_chain["results"]["reward"]["accuracy"]
     assert accuracy >= 0.85 * optimal and accuracy > 0.65
 
 
+@pytest.mark.slow
 def test_cost_model_ranks_pairs_and_signs_responses(bundled_chain):
     rows = bundled_chain["cost_rows"]
     optimal = bayes_pair_accuracy(rows, "cost")
@@ -368,6 +372,7 @@ def test_cost_model_ranks_pairs_and_signs_responses(bundled_chain):
     assert results["sign_accuracy"] >= 0.95 and results["sign_accuracy"] > majority + 0.2
 
 
+@pytest.mark.slow
 def test_precomputed_and_on_the_fly_reference_give_the_same_results(bundled_chain, monkeypatch):
     """The chain's DPO stage (precomputed reference) rerun with an on-the-fly reference."""
     root, mesh, sft_model = bundled_chain["root"], bundled_chain["mesh"], bundled_chain["sft"]
@@ -439,6 +444,7 @@ def kto_reference_stores(root) -> list:
     return found
 
 
+@pytest.mark.slow
 def test_kto_precomputed_reference_matches_on_the_fly(bundled_chain):
     """KTO's KL pairs are fixed per example, so its reference log-probs (KL rows
     included) can be precomputed: 12 steps give the on-the-fly run's losses and KL."""

@@ -29,15 +29,17 @@ import numpy as np
 from scipy.optimize import brentq, minimize
 from scipy.special import logsumexp, softmax
 
+from sacpo_jax.errors import SacpoError
+
 LAMBDA_CEILING = 1e8
 """A multiplier this large means the constraint cannot be met on the samples."""
 
 
-class DualInputError(ValueError):
+class DualInputError(SacpoError, ValueError):
     """Raised when scores, thresholds or settings have the wrong shape or value."""
 
 
-class InfeasibleConstraintError(ValueError):
+class InfeasibleConstraintError(SacpoError, ValueError):
     """Raised when no tilting of the reference samples meets the constraints."""
 
 

@@ -8,6 +8,8 @@ a user sees: its ``str()`` is a single line, and the CLI prints it and exits 2.
 
 from __future__ import annotations
 
+from sacpo_jax.errors import SacpoError
+
 # The reasons a row can be refused; keys of the skip report.
 MISSING_FIELD = "missing_field"
 WRONG_TYPE = "wrong_type"
@@ -20,7 +22,7 @@ NO_ROOM_FOR_RESPONSE = "no_room_for_response"
 MALFORMED = "malformed"
 
 
-class DataError(ValueError):
+class DataError(SacpoError, ValueError):
     """A data problem, reported as one line: ``<source>: row <i>: field '<f>': <problem>``."""
 
     def __init__(

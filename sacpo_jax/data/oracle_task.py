@@ -94,11 +94,13 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from sacpo_jax.errors import SacpoError
+
 TEMPLATE = "BEGINNING OF CONVERSATION: USER: {prompt} ASSISTANT:"
 MAX_LENGTH = 64
 
 
-class OracleTaskError(ValueError):
+class OracleTaskError(SacpoError, ValueError):
     """A bad argument to the oracle task (unknown split, prompt without a topic, ...)."""
 
 

@@ -27,6 +27,7 @@ from flax import nnx
 from jax.sharding import Mesh
 
 from sacpo_jax import parallel
+from sacpo_jax.errors import SacpoError
 from sacpo_jax.models.llama import Llama, LlamaConfig, RopeConfig
 from sacpo_jax.models.safetensors_io import PlannedTensor, SafetensorsReader, write_safetensors
 
@@ -44,7 +45,7 @@ _MODELED_KEYS = {
 }  # fmt: skip
 
 
-class CheckpointError(ValueError):
+class CheckpointError(SacpoError, ValueError):
     """A checkpoint that cannot be imported; the message is one line naming the problem."""
 
 

@@ -18,6 +18,8 @@ from dataclasses import dataclass
 import ml_dtypes
 import numpy as np
 
+from sacpo_jax.errors import SacpoError
+
 DTYPES: dict[str, np.dtype] = {
     "F64": np.dtype(np.float64),
     "F32": np.dtype(np.float32),
@@ -33,7 +35,7 @@ DTYPES: dict[str, np.dtype] = {
 DTYPE_NAMES = {dtype: name for name, dtype in DTYPES.items()}
 
 
-class SafetensorsError(ValueError):
+class SafetensorsError(SacpoError, ValueError):
     """A malformed or unreadable safetensors file."""
 
 
