@@ -44,10 +44,13 @@ reshards.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import shutil
 import signal
 import threading
+from collections.abc import Iterator
 from pathlib import Path
 from types import FrameType
 from typing import Any
@@ -109,9 +112,21 @@ class StageCheckpointer:
             raise CheckpointError(f"checkpoint meta at step {step} is not JSON: {err}") from err
         if (step % self.save_every and not force) or step in self._manager.all_steps():
             return False
+        self._check_free_space(step, state)
         args = ocp.args.Composite(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta))
         # The interval rule is ours (Orbax's default policy would also save the first step).
         return self._manager.save(step, args=args, force=True)
+
+    def _check_free_space(self, step: int, state: Any) -> None:
+        """Fail before writing when the disk cannot hold this process's share of a save."""
+        needed = sum(leaf.nbytes for leaf in jax.tree.leaves(state)) // jax.process_count()
+        free = shutil.disk_usage(self.directory).free
+        if free < needed:
+            raise CheckpointError(
+                f"{self.directory}: {free / 2**30:.2f} GiB free, but the checkpoint of step "
+                f"{step} needs {needed / 2**30:.2f} GiB; free space, lower max_checkpoints or "
+                "set another run_dir (the last complete checkpoint is kept)"
+            )
 
     def restore(self, abstract_state: Any, step: int | None = None) -> tuple[Any, dict]:
         """(state, meta) of `step` (default: the latest), placed as `abstract_state` says.
@@ -139,10 +154,7 @@ class StageCheckpointer:
     def mark_finished(self, info: dict) -> None:
         """After the last save completed, atomically write `<directory>/FINISHED.json`."""
         self.wait()
-        if jax.process_index() == 0:
-            _write_json_atomically(self.directory / FINISHED_FILE, info)
-        if jax.process_count() > 1:
-            multihost_utils.sync_global_devices(f"finished:{self.directory}")
+        mark_finished(self.directory, info)
 
     def __enter__(self) -> StageCheckpointer:
         return self
@@ -160,6 +172,41 @@ def is_finished(stage_dir: str | os.PathLike) -> dict | None:
         return json.loads(path.read_text())
     except json.JSONDecodeError as err:
         raise CheckpointError(f"{path}: not valid JSON ({err})") from err
+
+
+def mark_finished(directory: str | os.PathLike, info: dict) -> None:
+    """Atomically write ``<directory>/FINISHED.json`` (process 0; the others wait)."""
+    if jax.process_index() == 0:
+        Path(directory).mkdir(parents=True, exist_ok=True)
+        _write_json_atomically(Path(directory) / FINISHED_FILE, info)
+    if jax.process_count() > 1:
+        multihost_utils.sync_global_devices(f"finished:{directory}")
+
+
+@contextlib.contextmanager
+def atomic_directory(path: str | os.PathLike) -> Iterator[str]:
+    """Write a directory all at once: yields a temporary path beside ``path`` (cleared of
+    any leftover from a killed run), which replaces ``path`` when the block completes
+    and is removed when it fails. Every process enters it; process 0 renames."""
+    target = Path(path)
+    tmp = target.with_name(f".{target.name}.tmp")
+    if jax.process_index() == 0:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        yield str(tmp)
+    except BaseException:
+        if jax.process_index() == 0:
+            shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if jax.process_count() > 1:
+        multihost_utils.sync_global_devices(f"written:{tmp}")
+    if jax.process_index() == 0:
+        if target.is_symlink() or target.is_file():
+            target.unlink()
+        elif target.exists():
+            shutil.rmtree(target)
+        os.replace(tmp, target)
 
 
 def _write_json_atomically(path: Path, payload: dict) -> None:
@@ -182,22 +229,33 @@ def _reject_typed_keys(state: Any) -> None:
             )
 
 
-class PreemptionGuard:
-    """Turns SIGTERM (a preemption notice) into a flag the loop polls between steps.
+class Preempted(SacpoError):
+    """The run stopped on a preemption notice (SIGTERM) or Ctrl-C after saving what it
+    had; rerunning the same command resumes. Exit code 75 (EX_TEMPFAIL: try again)."""
 
-    The handler only sets a flag; the loop calls `should_stop(step)` after every
-    step, and on True saves with `force=True`, waits and exits normally. With
-    several processes `should_stop` is a collective, so every process must call it
-    at every step: it returns True on all of them at the same step when any one
-    got a signal (an all-gather of the flags), or when JAX's preemption service
-    (`jax.distributed`, which catches SIGTERM itself if it was set up after this
-    guard) reports its sync point. The previous handlers come back on exit.
+    exit_code = 75
+
+
+class PreemptionGuard:
+    """Turns SIGTERM (a preemption notice) and SIGINT (Ctrl-C) into a flag that long
+    phases poll between their units of work (training steps, reference batches, models
+    to evaluate, stages).
+
+    The handler only sets a flag; on True the phase saves what it has and raises
+    ``Preempted``. A second Ctrl-C stops at once (KeyboardInterrupt). With several
+    processes ``should_stop`` is a collective, so every process must call it at the
+    same points: it returns True on all of them together when any one got a signal (an
+    all-gather of the flags), or when JAX's preemption service (``jax.distributed``,
+    which catches SIGTERM itself if it was set up after this guard) reports its sync
+    point. Entering an entered guard again is a no-op; the previous handlers come back
+    when the outermost ``with`` exits.
     """
 
-    def __init__(self, signals: tuple[int, ...] = (signal.SIGTERM,)) -> None:
+    def __init__(self, signals: tuple[int, ...] = (signal.SIGTERM, signal.SIGINT)) -> None:
         self.signals = signals
         self._flag = threading.Event()
         self._previous: dict[int, Any] = {}
+        self._depth = 0
 
     @property
     def requested(self) -> bool:
@@ -205,6 +263,8 @@ class PreemptionGuard:
         return self._flag.is_set()
 
     def _handle(self, signum: int, frame: FrameType | None) -> None:
+        if signum == signal.SIGINT and self._flag.is_set():
+            raise KeyboardInterrupt
         self._flag.set()
 
     def should_stop(self, step: int) -> bool:
@@ -215,11 +275,16 @@ class PreemptionGuard:
         return bool(np.any(flags)) or _reached_preemption_sync_point(step)
 
     def __enter__(self) -> PreemptionGuard:
-        for signum in self.signals:
-            self._previous[signum] = signal.signal(signum, self._handle)
+        if self._depth == 0 and threading.current_thread() is threading.main_thread():
+            for signum in self.signals:
+                self._previous[signum] = signal.signal(signum, self._handle)
+        self._depth += 1
         return self
 
     def __exit__(self, *exc_info: object) -> None:
+        self._depth -= 1
+        if self._depth:
+            return
         for signum, previous in self._previous.items():
             # None: the old handler was not installed from Python; the default is the best guess.
             signal.signal(signum, signal.SIG_DFL if previous is None else previous)

@@ -114,6 +114,9 @@ class TrainConfig(Strict):
     ``adam_dtype``: dtype of Adam's two moments; null keeps the parameters' dtype.
     ``float32`` with ``model.dtype: bfloat16`` stores 12 bytes per parameter (bf16
     weights and gradients, float32 moments) instead of 8.
+    ``max_checkpoints``: training checkpoints kept while the stage runs (the newest);
+    ``keep_checkpoints``: keep them after the stage finished and exported (by default they
+    are deleted then: the export is the stage's result).
     """
 
     epochs: float = Field(1.0, gt=0)
@@ -128,7 +131,8 @@ class TrainConfig(Strict):
     log_every: int = Field(10, gt=0)
     eval_every: int | None = Field(None, gt=0)
     save_every: int = Field(100, gt=0)
-    keep_checkpoints: int = Field(2, gt=0)
+    max_checkpoints: int = Field(2, gt=0)
+    keep_checkpoints: bool = False
     eval_batch_size: int | None = Field(None, gt=0)
 
 
@@ -171,6 +175,10 @@ class StageBase(Strict):
         """This stage with chain-relative names made concrete (``previous``: the last
         model-producing stage before it, None right after a sweep)."""
         return self
+
+    def prompt_set(self) -> tuple[PromptSet, bool] | None:
+        """The prompts the stage generates on, and whether the bundled oracle scores them."""
+        return None
 
 
 class TrainedStage(StageBase):
@@ -352,6 +360,14 @@ class EvalSettings(Strict):
     template: str | None = PKU_TEMPLATE
     max_new_tokens: int = Field(512, gt=0)
     temperature: float = Field(0.0, ge=0)
+
+    @field_validator("template")
+    @classmethod
+    def _has_prompt(cls, template: str | None) -> str | None:
+        if template is not None and "{prompt}" not in template:
+            raise ValueError("template must contain '{prompt}'")
+        return template
+
     top_p: float = Field(1.0, gt=0, le=1)
     seed: int = 0
     stop: str | list[str] | None = "sacpo"
@@ -396,6 +412,9 @@ class EvaluateStage(StageBase):
     def sources(self) -> list[str]:
         models = [] if self.models == "all" else list(self.models)
         return models + [m for m in (self.reward_model, self.cost_model) if m]
+
+    def prompt_set(self) -> tuple[PromptSet, bool]:
+        return self.prompts, self.oracle
 
     def resolve(self, previous: str | None, earlier: list[StageBase]) -> EvaluateStage:
         if self.models == "all":
@@ -478,6 +497,9 @@ class CaidStage(TrainedStage):
     def sources(self) -> list[str]:
         return [self.start] + [m for m in self.models if m != ORACLE]
 
+    def prompt_set(self) -> tuple[PromptSet, bool]:
+        return self.prompts, ORACLE in self.models
+
 
 STAGE_TYPES = (SftStage, DpoStage, KtoStage, RewardStage, CostStage, MergeStage, EvaluateStage)
 STAGE_TYPES += (CaidStage,)
@@ -526,6 +548,10 @@ def expand_stages(stages: list[StageBase]) -> list[StageBase]:
 
 
 class RunConfig(Strict):
+    """A run. ``on_change``: what a rerun does with a stage whose settings, inputs or data
+    changed since its results were written: run it again (its old results move to
+    ``superseded/``) or refuse with one line."""
+
     name: str = "run"
     run_dir: str | None = None
     seed: int = 0
@@ -536,6 +562,7 @@ class RunConfig(Strict):
     tensorboard: bool = True
     wandb_project: str | None = None
     progress_bar: bool = True
+    on_change: Literal["retrain", "refuse"] = "retrain"
 
     @model_validator(mode="after")
     def _chain(self) -> RunConfig:

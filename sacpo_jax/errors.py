@@ -9,6 +9,8 @@ traceback.
 
 from __future__ import annotations
 
+import errno
+
 
 class SacpoError(Exception):
     """A problem the user can fix; ``str()`` is one line. Exit code 2 (bad input)."""
@@ -20,3 +22,18 @@ class RunFailure(SacpoError):
     """A run that started correctly and cannot go on (e.g. a non-finite loss). Exit 1."""
 
     exit_code = 1
+
+
+DISK_ERRORS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM)
+
+
+def disk_error_line(error: BaseException) -> str | None:
+    """One line for a full, read-only or forbidden disk anywhere in an exception's chain
+    (Orbax and other libraries wrap the OSError), or None when there is none."""
+    seen: BaseException | None = error
+    while seen is not None:
+        if isinstance(seen, OSError) and seen.errno in DISK_ERRORS:
+            where = seen.filename or "the run directory"
+            return f"{where}: {seen.strerror} (the last complete checkpoint is kept)"
+        seen = seen.__cause__ or seen.__context__
+    return None

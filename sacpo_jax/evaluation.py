@@ -15,7 +15,7 @@ from __future__ import annotations
 import itertools
 import json
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import jax
@@ -23,6 +23,7 @@ import numpy as np
 from jax.sharding import Mesh
 
 from sacpo_jax import eval_metrics, plots
+from sacpo_jax.checkpoint import Preempted
 from sacpo_jax.config import EvalSettings
 from sacpo_jax.data.tokenize import apply_template
 from sacpo_jax.errors import SacpoError
@@ -102,9 +103,16 @@ def evaluate_models(
     *,
     baseline: str | None = None,
     mesh: Mesh | None = None,
+    store: str | None = None,
+    should_stop: Callable[[int], bool] | None = None,
 ) -> tuple[dict, dict]:
     """(results per model, samples per model) for the given models and prompts; with a
-    mesh, each generation batch is split over its data-parallel axes."""
+    mesh, each generation batch is split over its data-parallel axes.
+
+    ``store``: a directory where each model's responses and scores are kept as soon as
+    they exist, and read back instead of generated again (a rerun resumes per model).
+    ``should_stop(i)`` is asked after the i-th model: True stops with ``Preempted``.
+    """
     if baseline is not None and baseline not in models:
         raise EvaluationError(
             f"baseline '{baseline}' is not among the evaluated models {list(models)}"
@@ -112,9 +120,12 @@ def evaluate_models(
     texts = [p["prompt"] for p in prompts]
     categories = np.array([p["category"] for p in prompts])
     per_model, samples = {}, {}
-    for name, model in models.items():
-        responses = generate_responses(model, tokenizer, texts, settings, mesh)
-        scores = {scorer.name: scorer.on_samples(texts, responses) for scorer in scorers}
+    for index, (name, model) in enumerate(models.items()):
+        responses, scores = _stored(store, name, len(texts))
+        if responses is None:
+            responses = generate_responses(model, tokenizer, texts, settings, mesh)
+            scores = {scorer.name: scorer.on_samples(texts, responses) for scorer in scorers}
+            _keep(store, name, responses, scores)
         per_model[name] = scores
         samples[name] = [
             {"prompt": p, "response": r, **{k: float(v[i]) for k, v in scores.items()}}
@@ -122,6 +133,11 @@ def evaluate_models(
         ]
         if jax.process_index() == 0:
             print(f"[evaluate] {name}: " + _brief(summarize(scores, None)))
+        if should_stop is not None and index + 1 < len(models) and should_stop(index):
+            raise Preempted(
+                f"[evaluate] stopped after {index + 1} of {len(models)} models (preemption or "
+                "Ctrl-C): rerun the same command to evaluate the rest"
+            )
     results = {}
     for name, scores in per_model.items():
         base = per_model[baseline] if baseline else None
@@ -132,6 +148,32 @@ def evaluate_models(
             results[name].update({f"{category}/{k}": v for k, v in sub.items() if k != "n"})
     add_elo(results, per_model, baseline, settings.elo_trials)
     return results, samples
+
+
+def _model_file(store: str, name: str) -> str:
+    return os.path.join(store, f"{name}.json")
+
+
+def _stored(store: str | None, name: str, count: int) -> tuple[list | None, dict | None]:
+    """A model's kept responses and scores, if the store has all of them."""
+    if store is None or not os.path.isfile(_model_file(store, name)):
+        return None, None
+    with open(_model_file(store, name), encoding="utf-8") as f:
+        kept = json.load(f)
+    if len(kept["responses"]) != count:
+        return None, None
+    return kept["responses"], {k: np.asarray(v, np.float64) for k, v in kept["scores"].items()}
+
+
+def _keep(store: str | None, name: str, responses: list[str], scores: dict) -> None:
+    if store is None or jax.process_index() != 0:
+        return
+    os.makedirs(store, exist_ok=True)
+    path = _model_file(store, name)
+    tree = {"responses": responses, "scores": {k: v.tolist() for k, v in scores.items()}}
+    with open(path + ".tmp", "w", encoding="utf-8") as f:
+        json.dump(tree, f)
+    os.replace(path + ".tmp", path)
 
 
 def _brief(summary: dict) -> str:

@@ -5,6 +5,12 @@ the type's bases, so a new training kind needs no entry here): training stages g
 ``training.stages``, CAID to ``algorithms.caid``, merges combine weights (P-SACPO),
 evaluations generate, score and write tables and plots. Every executor writes into
 runs/<name>/stages/<stage>/.
+
+Before any model is loaded the run takes the run directory's lock, computes every
+stage's identity, claims the stage directories (a changed stage's old results move to
+``superseded/``, see ``rundir``), and checks what later stages read (prompt sets, the
+oracle's prompts). SIGTERM and Ctrl-C stop it at the next safe point of whatever phase
+it is in, with everything done so far kept (``Preempted``).
 """
 
 from __future__ import annotations
@@ -12,13 +18,14 @@ from __future__ import annotations
 import json
 import os
 from collections.abc import Callable
+from pathlib import Path
 
 import jax
-import yaml
 
 from sacpo_jax import checkpoint, parallel
 from sacpo_jax.algorithms.caid import run_caid
 from sacpo_jax.algorithms.merge import merge_models, two_model_weights
+from sacpo_jax.checkpoint import Preempted, PreemptionGuard
 from sacpo_jax.config import (
     INITIAL,
     ORACLE,
@@ -30,16 +37,19 @@ from sacpo_jax.config import (
     StageBase,
     SupervisedStage,
 )
+from sacpo_jax.data import oracle_task
 from sacpo_jax.data.prompts import read_prompts
 from sacpo_jax.data.tokenize import load_tokenizer
-from sacpo_jax.evaluation import evaluate_models, write_report
+from sacpo_jax.evaluation import EvaluationError, evaluate_models, write_report
+from sacpo_jax.identity import stage_identities, stage_settings
 from sacpo_jax.models import hf
 from sacpo_jax.models.init import init_model
 from sacpo_jax.models.llama import Llama, LlamaConfig, RopeConfig
+from sacpo_jax.rundir import RunLock, claim_stage_dir, record_config
 from sacpo_jax.scorers import OracleScorer, ScoreModelScorer, Scorer
 from sacpo_jax.training.chain import ModelStore, run_chain, sweep_series
 from sacpo_jax.training.context import StageContext
-from sacpo_jax.training.stages import MODEL_DIR, load_export, run_training_stage
+from sacpo_jax.training.stages import export, load_export, report_disk_use, run_training_stage
 
 
 def initial_model(config: RunConfig, mesh, tokenizer) -> Llama:
@@ -74,19 +84,34 @@ def initial_model(config: RunConfig, mesh, tokenizer) -> Llama:
     return init_model(architecture, mesh, seed=config.seed, init_std=r.init_std)
 
 
-def write_resolved_config(config: RunConfig) -> None:
-    if jax.process_index() == 0:
-        os.makedirs(config.directory, exist_ok=True)
-        with open(config.directory / "config.yaml", "w", encoding="utf-8") as f:
-            yaml.safe_dump(config.model_dump(mode="json"), f, sort_keys=False)
-
-
 class Run:
-    """A run's shared pieces (config, mesh, tokenizer, expanded stages) and its executors."""
+    """A run's shared pieces (config, mesh, tokenizer, expanded stages, their identities,
+    the preemption guard) and its executors."""
 
-    def __init__(self, config: RunConfig, mesh, tokenizer):
-        self.config, self.mesh, self.tokenizer = config, mesh, tokenizer
+    def __init__(self, config: RunConfig, mesh, tokenizer, guard: PreemptionGuard):
+        self.config, self.mesh, self.tokenizer, self.guard = config, mesh, tokenizer, guard
         self.stages = config.expanded_stages()
+        self.identities = stage_identities(config, tokenizer)
+        self.finished = 0
+
+    def prepare(self) -> None:
+        """Record the config, claim every stage directory, check what later stages read."""
+        record_config(self.config, self.identities)
+        for stage in self.stages:
+            claim_stage_dir(
+                Path(self.context(stage).stage_dir),
+                stage.name,
+                self.identities[stage.name],
+                stage_settings(stage),
+                on_change=self.config.on_change,
+            )
+        for stage in self.stages:
+            prompt_set = stage.prompt_set()
+            if prompt_set is not None:
+                prompts, scored_by_oracle = prompt_set
+                rows = read_prompts(prompts.source, prompts.field, prompts.limit)
+                if scored_by_oracle:
+                    check_oracle_prompts(stage.name, rows)
 
     def context(self, stage: StageBase) -> StageContext:
         c = self.config
@@ -99,13 +124,19 @@ class Run:
             tensorboard=c.tensorboard,
             wandb_project=c.wandb_project,
             progress_bar=c.progress_bar,
+            preemption=self.guard,
         )
 
     def __call__(self, stage: StageBase, store: ModelStore) -> Llama | None:
-        for cls in type(stage).__mro__:
-            if cls in EXECUTORS:
-                return EXECUTORS[cls](self, stage, store)
-        raise TypeError(f"no executor for stage type {type(stage).__name__}")
+        executor = next(EXECUTORS[cls] for cls in type(stage).__mro__ if cls in EXECUTORS)
+        result = executor(self, stage, store)
+        self.finished += 1
+        if self.finished < len(self.stages) and self.guard.should_stop(self.finished):
+            raise Preempted(
+                f"stopped after stage '{stage.name}' (preemption or Ctrl-C): rerun the same "
+                "command to continue with the next stage"
+            )
+        return result
 
     def train(self, stage: SupervisedStage, store: ModelStore) -> Llama:
         start, reference = store.start_and_reference(stage)
@@ -123,9 +154,10 @@ class Run:
             return load_export(ctx, models[0])
         weights = two_model_weights(stage.q) if stage.q is not None else stage.weights
         merged = merge_models(models, weights)
-        hf.save_checkpoint(merged, os.path.join(ctx.stage_dir, MODEL_DIR), self.tokenizer)
-        mark_finished(ctx.stage_dir, {"models": stage.models, "weights": list(weights)})
+        export(merged, ctx)
+        checkpoint.mark_finished(ctx.stage_dir, {"models": stage.models, "weights": list(weights)})
         print(f"[{stage.name}] merged {stage.models} with weights {list(weights)}")
+        report_disk_use(stage.name, ctx.stage_dir)
         return merged
 
     def evaluate(self, stage: EvaluateStage, store: ModelStore) -> None:
@@ -155,6 +187,8 @@ class Run:
             stage.settings,
             baseline=stage.baseline,
             mesh=ctx.mesh,
+            store=os.path.join(ctx.stage_dir, "models"),
+            should_stop=self.guard.should_stop,
         )
         stages_dir = self.config.directory / "stages"
         logs = {
@@ -163,7 +197,7 @@ class Run:
         paths = write_report(
             results, samples, ctx.stage_dir, series=sweep_series(self.stages), training_logs=logs
         )
-        mark_finished(ctx.stage_dir, {"models": list(models)})
+        checkpoint.mark_finished(ctx.stage_dir, {"models": list(models)})
         if paths:
             with open(paths["results.md"]) as f:
                 print(f"\n[{stage.name}] results ({len(prompts)} prompts):\n{f.read()}")
@@ -179,14 +213,16 @@ EXECUTORS: dict[type, Callable[[Run, StageBase, ModelStore], Llama | None]] = {
 }
 
 
-def mark_finished(stage_dir: str, info: dict) -> None:
-    """FINISHED.json for a stage without an Orbax checkpoint (merge, evaluate)."""
-    if jax.process_index() == 0:
-        os.makedirs(stage_dir, exist_ok=True)
-        tmp = os.path.join(stage_dir, ".FINISHED.json.tmp")
-        with open(tmp, "w") as f:
-            json.dump(info, f, indent=2)
-        os.replace(tmp, os.path.join(stage_dir, checkpoint.FINISHED_FILE))
+def check_oracle_prompts(stage: str, prompts: list[dict]) -> None:
+    """The oracle scores only the bundled task's prompts: refuse others before training."""
+    for index, row in enumerate(prompts):
+        try:
+            oracle_task.prompt_topic(row["prompt"])
+        except oracle_task.OracleTaskError:
+            raise EvaluationError(
+                f"stage '{stage}': prompt {index} is not one of the bundled task's, which the "
+                f"oracle scores ({row['prompt'][:60]!r}); use a reward/cost model instead"
+            ) from None
 
 
 def run(config: RunConfig) -> list[StageBase]:
@@ -195,19 +231,19 @@ def run(config: RunConfig) -> list[StageBase]:
         mesh = parallel.make_mesh(config.mesh.data, config.mesh.fsdp, config.mesh.tensor)
     except ValueError as e:  # sizes that do not fit the devices: a config error, one line
         raise ConfigError(str(e)) from None
-    write_resolved_config(config)
-    tokenizer = load_tokenizer(
-        config.tokenizer.path or config.model.path,
-        trust_remote_code=config.tokenizer.trust_remote_code,
-    )
-    model = initial_model(config, mesh, tokenizer)
-    m = config.model
-    store = ModelStore(
-        model,
-        dict(mesh=mesh, remat=m.remat, scan_layers=m.scan_layers, compute_dtype=m.compute_dtype),
-    )
-    executor = Run(config, mesh, tokenizer)
-    run_chain(executor.stages, store, executor)
+    with RunLock(config.directory), PreemptionGuard() as guard:
+        tokenizer = load_tokenizer(
+            config.tokenizer.path or config.model.path,
+            trust_remote_code=config.tokenizer.trust_remote_code,
+        )
+        executor = Run(config, mesh, tokenizer, guard)
+        executor.prepare()
+        model = initial_model(config, mesh, tokenizer)
+        m = config.model
+        load_options = dict(
+            mesh=mesh, remat=m.remat, scan_layers=m.scan_layers, compute_dtype=m.compute_dtype
+        )
+        run_chain(executor.stages, ModelStore(model, load_options), executor)
     if jax.process_index() == 0:
         print(f"done: every stage's outputs are in {config.directory}/stages/<stage>/")
     return executor.stages

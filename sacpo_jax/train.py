@@ -47,7 +47,7 @@ def main(argv: list[str] | None = None) -> int:
     parallel.initialize_distributed(args.coordinator, args.num_processes, args.process_id)
 
     from sacpo_jax.config import load_config
-    from sacpo_jax.errors import SacpoError
+    from sacpo_jax.errors import SacpoError, disk_error_line
     from sacpo_jax.run import run
 
     try:
@@ -55,6 +55,15 @@ def main(argv: list[str] | None = None) -> int:
     except SacpoError as e:
         print(f"error: {e}", file=sys.stderr)
         return e.exit_code
+    except KeyboardInterrupt:
+        print("error: interrupted by a second Ctrl-C; rerun to resume", file=sys.stderr)
+        return 130
+    except Exception as e:
+        line = disk_error_line(e)
+        if line is None:
+            raise
+        print(f"error: {line}", file=sys.stderr)
+        return 2
     return 0
 
 

@@ -21,6 +21,7 @@ import pytest
 import yaml
 
 from sacpo_jax.algorithms.caid import CaidRun, best_iterate, dual_update, iterate_estimates
+from sacpo_jax.checkpoint import Preempted
 from sacpo_jax.algorithms.pseudo_labels import (
     PseudoLabelError,
     draw_second_preferred,
@@ -493,7 +494,7 @@ def test_a_caid_stage_resumes_mid_iteration(uninterrupted, tmp_path):
         return step(*args)
 
     interrupted.trainer.step = counted
-    with pytest.raises(SystemExit):
+    with pytest.raises(Preempted):
         interrupted.run()
     assert not os.path.exists(os.path.join(context.stage_dir, "caid_history.json"))
     resumed = CaidRun(direct_stage(), reference, {}, context)

@@ -67,7 +67,7 @@ def test_a_loss_registered_in_one_place_trains_through_the_cli(tmp_path, monkeyp
     for r in records:
         assert r["loss"] >= (r["rewards/margins"] - 1.0) ** 2 - 1e-6
     assert records[-1]["loss"] < 0.9 and records[-1]["rewards/margins"] > 0.05
-    finished = json.loads((tmp_path / "run/stages/dpo/checkpoints/FINISHED.json").read_text())
+    finished = json.loads((tmp_path / "run/stages/dpo/FINISHED.json").read_text())
     assert finished["step"] == 12
 
 

@@ -47,7 +47,7 @@ stages:
     data: {{source: {{type: bundled, name: preference}}, adapter: pku_helpful,
             max_length: 32, max_prompt_length: 16, limit: 96}}
     train: {{max_steps: {STEPS}, batch_size: 8, learning_rate: 1.0e-2, warmup_ratio: 0.0,
-             log_every: 1, save_every: {STOP}, keep_checkpoints: 2}}
+             log_every: 1, save_every: {STOP}, max_checkpoints: 2, keep_checkpoints: true}}
   - name: eval
     kind: evaluate
     models: [initial]
@@ -122,7 +122,7 @@ def runs(tmp_path_factory):
     stage = resumed / "stages" / "dpo"
     shutil.rmtree(stage / "checkpoints" / str(STEPS))
     shutil.rmtree(stage / "model")
-    (stage / "checkpoints" / "FINISHED.json").unlink()
+    (stage / "FINISHED.json").unlink()
     (stage / "metrics.jsonl").unlink()
     outputs["resumed"] = _finish(_launch(workdir, resumed, num_processes=1))
     return workdir, outputs

@@ -165,15 +165,16 @@ def test_sigterm_and_kill_9_resume_to_bit_identical_models(cli_env, tmp_path):
     assert finish(launch(cli_env, config, reference_dir, log)) == 0, log.read_text()
     sft_dir, dpo_dir = resumed_dir / "stages" / "sft", resumed_dir / "stages" / "dpo"
 
-    # 1. SIGTERM during the SFT stage: it saves the step it reached and exits 0.
+    # 1. SIGTERM during the SFT stage: it saves the step it reached and exits 75
+    # ("preempted, rerun to resume").
     process = launch(cli_env, config, resumed_dir, log)
     wait_until(process, lambda: max(logged_steps(sft_dir), default=0) >= 6, "SFT step 6")
     process.send_signal(signal.SIGTERM)
-    assert finish(process) == 0, log.read_text()
-    stopped = int(re.findall(r"\[sft\] preempted at step (\d+)", log.read_text())[-1])
+    assert finish(process) == 75, log.read_text()
+    stopped = int(re.findall(r"\[sft\] stopped at step (\d+)", log.read_text())[-1])
     assert 6 <= stopped < SFT_STEPS
     assert complete_checkpoints(sft_dir)[-1] == stopped
-    assert not (sft_dir / "checkpoints" / "FINISHED.json").exists()
+    assert not (sft_dir / "FINISHED.json").exists()
     logged_before = len(logged_steps(sft_dir))
 
     # 2. Restart; kill -9 during the DPO stage, after a checkpoint at step >= 10.
@@ -181,7 +182,7 @@ def test_sigterm_and_kill_9_resume_to_bit_identical_models(cli_env, tmp_path):
     wait_until(process, lambda: max(complete_checkpoints(dpo_dir), default=0) >= 10, "a DPO save")
     process.kill()
     assert finish(process) == -signal.SIGKILL
-    assert not (dpo_dir / "checkpoints" / "FINISHED.json").exists()
+    assert not (dpo_dir / "FINISHED.json").exists()
     last_complete = complete_checkpoints(dpo_dir)[-1]
     assert 10 <= last_complete < DPO_STEPS
     # The restarted SFT stage continued right after the preempted step.

@@ -37,7 +37,7 @@ import jax
 import numpy as np
 from flax import nnx
 
-from sacpo_jax import plots
+from sacpo_jax import checkpoint, plots
 from sacpo_jax.algorithms.dual import DualInputError, InfeasibleConstraintError, solve_dual
 from sacpo_jax.algorithms.pseudo_labels import (
     PseudoLabelError,
@@ -50,7 +50,6 @@ from sacpo_jax.data.pipeline import build_dataset
 from sacpo_jax.data.prompts import read_prompts
 from sacpo_jax.data.tokenize import apply_template
 from sacpo_jax.generate import generate
-from sacpo_jax.models import hf
 from sacpo_jax.models.llama import Llama
 from sacpo_jax.scorers import LogRatioScorer, OracleScorer, PairSet, ScoreModelScorer, Scorer
 from sacpo_jax.training import objectives
@@ -60,10 +59,12 @@ from sacpo_jax.training.optim import stage_optimizer
 from sacpo_jax.training.reference import add_reference_columns
 from sacpo_jax.training.stages import (
     MODEL_DIR,
+    export,
     is_finished,
     load_export,
     open_checkpoints,
     open_logger,
+    report_disk_use,
 )
 from sacpo_jax.training.state import TrainState, split_model
 
@@ -266,14 +267,11 @@ class CaidRun:
                 break
             lam = dual_update(history[t]["lambda"], history[t]["u"], self.stage.dual_lr)
             state = self.policy_step(t, lam, state, first_step if t == first else 0, history)
-            hf.save_checkpoint(self.policy(state), self.iterate_dir(t + 1), self.ctx.tokenizer)
+            export(self.policy(state), self.ctx, os.path.join(ITERATES_DIR, str(t + 1)))
             step = (t + 1) * self.steps_per_iteration
             meta = {"iteration": t + 1, "local_step": 0, "history": history}
-            self.checkpointer.save(step, state.saved(), meta, force=True)
+            self.loop.save(step, state, meta, force=True)
         return self.finish(history)
-
-    def iterate_dir(self, t: int) -> str:
-        return os.path.join(self.ctx.stage_dir, ITERATES_DIR, str(t))
 
     # -- dual step --------------------------------------------------------------------
 
@@ -423,20 +421,23 @@ class CaidRun:
             kind = "feasible" if history[best]["feasible"] else "none feasible: least violating"
             print(f"[{self.stage.name}] best iterate: {best} ({kind})")
         self.publish_model(best)
-        self.checkpointer.mark_finished({"best_iterate": best, "iterations": self.stage.iterations})
         self.checkpointer.close()
         self.logger.close()
+        info = {"best_iterate": best, "iterations": self.stage.iterations}
+        checkpoint.mark_finished(stage_dir, info)
+        if not self.stage.train.keep_checkpoints and jax.process_index() == 0:
+            shutil.rmtree(self.checkpointer.directory, ignore_errors=True)
+        report_disk_use(self.stage.name, stage_dir)
         return self.reference if best == 0 else load_export(self.ctx, self.reference)
 
     def publish_model(self, best: int) -> None:
         """``model/``: a link to ``iterates/<best>``, or an export of pi_ref for iterate 0."""
-        path = os.path.join(self.ctx.stage_dir, MODEL_DIR)
-        if jax.process_index() == 0:
-            if os.path.islink(path) or os.path.isfile(path):
-                os.unlink(path)
-            elif os.path.isdir(path):
-                shutil.rmtree(path)
-            if best > 0:
-                os.symlink(os.path.join(ITERATES_DIR, str(best)), path)
         if best == 0:
-            hf.save_checkpoint(self.reference, path, self.ctx.tokenizer)
+            export(self.reference, self.ctx)
+        elif jax.process_index() == 0:
+            path = os.path.join(self.ctx.stage_dir, MODEL_DIR)
+            link = os.path.join(self.ctx.stage_dir, f".{MODEL_DIR}.link")
+            if os.path.lexists(link):  # left by a killed run
+                os.unlink(link)
+            os.symlink(os.path.join(ITERATES_DIR, str(best)), link)
+            os.replace(link, path)  # atomically replaces an earlier link

@@ -17,6 +17,7 @@ from flax import nnx
 
 from sacpo_jax.errors import SacpoError
 from sacpo_jax.models.llama import Llama
+from sacpo_jax.training.state import all_finite
 
 
 class MergeError(SacpoError, ValueError):
@@ -45,6 +46,8 @@ def merge_models(models: Sequence[Llama], weights: Sequence[float]) -> Llama:
     graphdef, _ = nnx.split(models[0])
     trees = [nnx.to_pure_dict(nnx.state(m, nnx.Param)) for m in models]
     merged = _combine(trees, jnp.asarray(weights, jnp.float32))
+    if not bool(all_finite(merged)):
+        raise MergeError(f"merging with weights {list(weights)} gives non-finite parameters")
     return nnx.merge(graphdef, merged)
 
 

@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 
 from sacpo_jax.data import errors
-from sacpo_jax.data.errors import BadRow
+from sacpo_jax.data.errors import BadRow, DataError
 
 BUNDLED_TOKENIZER = "bundled:oracle"
 
@@ -38,7 +38,11 @@ def load_tokenizer(path: str, *, trust_remote_code: bool = False):
         return oracle_tokenizer()
     from transformers import AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as e:
+        first = " ".join(str(e).split(".")[0].split()) or type(e).__name__
+        raise DataError(path, f"cannot load a tokenizer: {first}") from None
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer

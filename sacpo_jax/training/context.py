@@ -1,4 +1,5 @@
-"""What a stage needs from its run: the mesh, the tokenizer, where to write, how to log."""
+"""What a stage needs from its run: the mesh, the tokenizer, where to write, how to log,
+and the run's preemption guard (SIGTERM / Ctrl-C), which every long phase polls."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ from typing import Any
 import jax
 from jax.sharding import Mesh
 
+from sacpo_jax.checkpoint import PreemptionGuard
 from sacpo_jax.data.dataset import TokenizedDataset
 from sacpo_jax.data.loader import BatchLoader
 from sacpo_jax.data.spec import DataSpec
@@ -23,6 +25,7 @@ class StageContext:
     tensorboard: bool = True
     wandb_project: str | None = None
     progress_bar: bool = True
+    preemption: PreemptionGuard = dataclasses.field(default_factory=PreemptionGuard)
 
     def loader(
         self,

@@ -39,7 +39,7 @@ from sacpo_jax.training.context import StageContext
 from sacpo_jax.training.objectives import Objective, as_arrays
 from sacpo_jax.training.optim import schedule_shape
 from sacpo_jax.training.reference import OnTheFlyReference
-from sacpo_jax.training.state import Trainable, TrainState, partition, train_all
+from sacpo_jax.training.state import Trainable, TrainState, all_finite, partition, train_all
 from sacpo_jax.training.step import make_eval_step, make_train_step
 
 
@@ -214,7 +214,7 @@ class TrainingLoop:
             disable=not self.ctx.progress_bar or jax.process_index() != 0,
         )
         schedule = schedule_shape(total, self.train.warmup_ratio)
-        with checkpoint.PreemptionGuard() as guard:
+        with self.ctx.preemption as guard:
             for index, batch in batches:
                 meter.add_tokens(batch)
                 state, metrics = self.trainer.step(state, self.trainer.place(batch))
@@ -226,14 +226,30 @@ class TrainingLoop:
                 if self.evaluate and self.train.eval_every and done % self.train.eval_every == 0:
                     self.logger.log(step, self.evaluate(state.model_params()), prefix="eval/")
                 if guard.should_stop(step):
-                    self.checkpointer.save(step, state.saved(), meta(done), force=True)
-                    self.checkpointer.close()
                     progress.close()
-                    print(f"[{self.name}] preempted at step {step}: saved; rerun to resume")
-                    raise SystemExit(0)
-                self.checkpointer.save(step, state.saved(), meta(done))
+                    self.save(step, state, meta(done), force=True)
+                    self.checkpointer.close()
+                    raise checkpoint.Preempted(
+                        f"[{self.name}] stopped at step {step} (preemption or Ctrl-C): saved; "
+                        "rerun the same command to resume"
+                    )
+                if will_save:
+                    self.save(step, state, meta(done))
         progress.close()
         return state
+
+    def save(self, step: int, state: TrainState, meta: dict, *, force: bool = False) -> None:
+        """A checkpoint of the trainable state, only of finite parameters: a non-finite one
+        stops the stage and leaves the last good checkpoint as the one to resume from."""
+        if not bool(all_finite(state.params)):
+            self.checkpointer.close()
+            raise TrainingError(
+                f"[{self.name}] parameters are not finite at step {step}: stopped without "
+                f"saving; the last good checkpoint (step {self.checkpointer.latest_step()}) is "
+                f"in {self.checkpointer.directory}; lower the learning rate or check the data, "
+                "then rerun to resume from it"
+            )
+        self.checkpointer.save(step, state.saved(), meta, force=force)
 
     def log(self, step: int, done: int, metrics: dict, meter, schedule, progress) -> None:
         """Log (and check: a non-finite loss stops before any further save)."""

@@ -2,11 +2,14 @@
 
 ``run_training_stage`` takes the stage's start model (and its reference, for objectives
 that have one) and returns the trained model; the chain (``training.chain``) links
-stages into the SACPO schedule. A finished stage (its ``checkpoints/FINISHED.json``) is
-loaded from its export instead of trained again.
+stages into the SACPO schedule. A finished stage (its ``FINISHED.json``, written after
+its export) is loaded from its export instead of trained again; the run directory makes
+sure that a stage directory only ever holds results of the stage's current settings.
 
 Resume: a checkpoint's meta holds the step; the loader's batch is a pure function of
 (seed, step), so a restarted stage sees exactly the batches it would have seen.
+Disk: once the stage has exported and marked itself finished, its training checkpoints
+are deleted (``train.keep_checkpoints: true`` keeps them); the stage prints its disk use.
 """
 
 from __future__ import annotations
@@ -14,8 +17,10 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
 
 import jax
+import numpy as np
 from flax import nnx
 
 from sacpo_jax import checkpoint
@@ -34,11 +39,11 @@ from sacpo_jax.training.reference import OnTheFlyReference, add_reference_column
 from sacpo_jax.training.state import TrainState, split_model
 
 MODEL_DIR = "model"
-CHECKPOINTS_DIR = "checkpoints"  # also where StageCheckpointer.mark_finished writes FINISHED.json
+CHECKPOINTS_DIR = "checkpoints"
 
 
 def is_finished(ctx: StageContext) -> bool:
-    return checkpoint.is_finished(os.path.join(ctx.stage_dir, CHECKPOINTS_DIR)) is not None
+    return checkpoint.is_finished(ctx.stage_dir) is not None
 
 
 def load_export(ctx: StageContext, like: Llama) -> Llama:
@@ -57,7 +62,7 @@ def open_checkpoints(ctx: StageContext, train) -> checkpoint.StageCheckpointer:
     return checkpoint.StageCheckpointer(
         os.path.join(ctx.stage_dir, CHECKPOINTS_DIR),
         save_every=train.save_every,
-        keep=train.keep_checkpoints,
+        keep=train.max_checkpoints,
     )
 
 
@@ -85,20 +90,25 @@ def run_training_stage(
     on_the_fly = None
     if objective.reference is not None and stage.reference_mode == "on_the_fly":
         on_the_fly = OnTheFlyReference(reference, objective.reference)
-    elif objective.reference is not None:
-        batch = train.eval_batch_size or train.batch_size
-        dataset = add_reference_columns(
-            dataset, stage.data, reference, objective.reference, ctx, batch
-        )
-        if eval_dataset is not None:
-            eval_dataset = add_reference_columns(
-                eval_dataset, stage.eval_data, reference, objective.reference, ctx, batch
-            )
-
     loader = ctx.loader(
         dataset, stage.data, train.batch_size, train=True, grad_accum=train.grad_accum
     )
     total = train.max_steps or max(1, math.ceil(train.epochs * loader.steps_per_epoch))
+    if objective.reference is not None and on_the_fly is None:
+        batch = train.eval_batch_size or train.batch_size
+        used = np.concatenate([loader.global_indices(step) for step in range(total)])
+        dataset = add_reference_columns(
+            dataset, stage.data, reference, objective.reference, ctx, batch,
+            rows=used, log_every=train.log_every,
+        )  # fmt: skip
+        loader = ctx.loader(
+            dataset, stage.data, train.batch_size, train=True, grad_accum=train.grad_accum
+        )
+        if eval_dataset is not None:
+            eval_dataset = add_reference_columns(
+                eval_dataset, stage.eval_data, reference, objective.reference, ctx, batch,
+                log_every=train.log_every,
+            )  # fmt: skip
     graphdef, params = split_model(start)
     trainer = Trainer(
         objective,
@@ -144,7 +154,7 @@ def report_skipped(loop: TrainingLoop, skipped: dict[str, int]) -> None:
 
 
 def finish(loop: TrainingLoop, state: TrainState, total: int) -> Llama:
-    """Final evaluation, final checkpoint, HF export, FINISHED marker."""
+    """Final evaluation, final checkpoint, HF export, FINISHED marker, checkpoint cleanup."""
     stage_dir = loop.ctx.stage_dir
     if loop.evaluate is not None:
         results = loop.evaluate(state.model_params())
@@ -152,10 +162,30 @@ def finish(loop: TrainingLoop, state: TrainState, total: int) -> Llama:
         if jax.process_index() == 0:
             with open(os.path.join(stage_dir, "eval.json"), "w") as f:
                 json.dump(results, f, indent=2)
-    loop.checkpointer.save(total, state.saved(), {"step": total}, force=True)
+    loop.save(total, state, {"step": total}, force=True)
     model = nnx.merge(loop.trainer.graphdef, state.model_params())
-    hf.save_checkpoint(model, os.path.join(stage_dir, MODEL_DIR), loop.ctx.tokenizer)
-    loop.checkpointer.mark_finished({"step": total, "fingerprint": params_fingerprint(model)})
+    export(model, loop.ctx)
     loop.checkpointer.close()
     loop.logger.close()
+    checkpoint.mark_finished(stage_dir, {"step": total, "fingerprint": params_fingerprint(model)})
+    if not loop.train.keep_checkpoints and jax.process_index() == 0:
+        shutil.rmtree(loop.checkpointer.directory, ignore_errors=True)
+    report_disk_use(loop.name, stage_dir)
     return model
+
+
+def export(model: Llama, ctx: StageContext, directory: str = MODEL_DIR) -> None:
+    """The stage's model in the HF format, written all at once (``stage_dir/directory``)."""
+    with checkpoint.atomic_directory(os.path.join(ctx.stage_dir, directory)) as path:
+        hf.save_checkpoint(model, path, ctx.tokenizer)
+
+
+def report_disk_use(name: str, stage_dir: str) -> None:
+    if jax.process_index() == 0:
+        total = sum(
+            os.path.getsize(os.path.join(root, f))
+            for root, _, files in os.walk(stage_dir)
+            for f in files
+            if not os.path.islink(os.path.join(root, f))
+        )
+        print(f"[{name}] done: {total / 2**30:.2f} GiB on disk in {stage_dir}")

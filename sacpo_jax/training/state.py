@@ -95,3 +95,14 @@ def create_state(params: dict, frozen: dict, optimizer: optax.GradientTransforma
         opt_state=optimizer.init(params),
         frozen=frozen,
     )
+
+
+@jax.jit
+def all_finite(tree) -> jax.Array:
+    """True when every floating-point leaf of ``tree`` is finite."""
+    checks = [
+        jnp.all(jnp.isfinite(x))
+        for x in jax.tree.leaves(tree)
+        if jnp.issubdtype(x.dtype, jnp.inexact)
+    ]
+    return jnp.all(jnp.stack(checks)) if checks else jnp.asarray(True)
