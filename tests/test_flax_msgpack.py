@@ -34,7 +34,9 @@ def batch():
 
 
 def assert_matches_torch(model, variant):
-    torch_model = transformers.LlamaForCausalLM.from_pretrained(fixture(variant, "torch")).eval()
+    """Logits equal the torch model's: ``variant`` names a fixture, or is a torch directory."""
+    torch_dir = variant if os.path.isdir(str(variant)) else fixture(variant, "torch")
+    torch_model = transformers.LlamaForCausalLM.from_pretrained(torch_dir).eval()
     ids, mask = batch()
     expected = torch_logits(torch_model, ids, mask)
     ours = np.asarray(model(ids, mask))
