@@ -32,7 +32,15 @@ setup(
         "tensorboardX",
     ],
     extras_require={
-        "test": ["pytest", "ruff", "sentencepiece", "mistral-common", "protobuf"],
+        "test": [
+            "pytest",
+            "ruff",
+            "sentencepiece",
+            "mistral-common",
+            "protobuf",
+            "tensorflow-datasets",
+            "array_record",
+        ],
         "torch": ["torch==2.13.0"],
         "tfds": ["tensorflow-datasets", "array_record"],
         "wandb": ["wandb"],
