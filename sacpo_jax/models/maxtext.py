@@ -115,7 +115,8 @@ def model_root(tree: dict, where: str) -> tuple[str, ...]:
 
 
 def _lookup(tree: dict, path: str) -> Any:
-    for key in path.split("/"):
+    """The node at a '/'-joined path ('' is the root), or None."""
+    for key in filter(None, path.split("/")):
         if not isinstance(tree, dict) or key not in tree:
             return None
         tree = tree[key]
@@ -182,7 +183,7 @@ def to_ours(name: str, config: LlamaConfig, scanned: bool, parts: list[jax.Array
 # ----------------------------------------------------------------------------- import
 
 
-def _check_layout(tree: dict, root: dict, scanned_declared: bool | None, where: str) -> bool:
+def _check_layout(root: dict, scanned_declared: bool | None, where: str) -> bool:
     """Whether the tree is scanned; a mismatch with the recorded scan_layers is an error."""
     decoder = root.get("decoder", {})
     scanned = "layers" in decoder
@@ -200,16 +201,70 @@ def _check_layout(tree: dict, root: dict, scanned_declared: bool | None, where: 
     return scanned
 
 
-def _check_shapes(root: dict, names, shapes, where: str) -> None:
-    for ours, paths in names.items():
+def _architecture(
+    path: str,
+    llama_config: str | None,
+    root: dict,
+    dtype: str | None,
+    compute_dtype: str | None,
+    options: dict[str, Any],
+) -> LlamaConfig:
+    """Our LlamaConfig from the Hugging Face config.json given or in ``path``."""
+    config_path = llama_config or path
+    if not os.path.isfile(config_path) and not os.path.isfile(
+        os.path.join(config_path, "config.json")
+    ):
+        raise CheckpointError(
+            f"{path}: a MaxText checkpoint stores no Hugging Face config; put the model's "
+            "config.json in this directory or set model.llama_config to its path"
+        )
+    embed = _lookup(root, GLOBAL_TENSORS["embed"])
+    stored = jnp.dtype(embed.dtype if embed is not None else "float32")
+    config = hf.config_from_hf(
+        hf.read_hf_config(config_path),
+        param_dtype=jnp.dtype(dtype or stored).name,
+        dtype=compute_dtype,
+        where=config_path,
+        **options,
+    )
+    if config.score_model or config.attention_bias or config.mlp_bias:
+        raise CheckpointError(f"{path}: MaxText LLaMA has no score heads or biases")
+    return config
+
+
+def _restore_targets(root, names, ours, mesh, scanned, where) -> dict[str, jax.ShapeDtypeStruct]:
+    """Stored path -> its abstract array, sharded like our parameter (moved to its layout);
+    a missing tensor or a wrong shape is a one-line error."""
+    targets = {}
+    for name, paths in names.items():
+        per_layer = name.startswith("layers/")
+        expected = stored_shape(tuple(ours[name].shape), per_layer, scanned)
+        spec = parallel.param_spec(name, tuple(ours[name].shape), mesh)
+        sharding = NamedSharding(mesh, stored_spec(spec, per_layer, scanned))
         for path in paths:
             leaf = _lookup(root, path)
             if leaf is None:
                 raise CheckpointError(f"{where}: missing tensor {path}")
-            if tuple(leaf.shape) != shapes[ours]:
+            if tuple(leaf.shape) != expected:
                 raise CheckpointError(
-                    f"{where}: tensor {path} has shape {tuple(leaf.shape)}, expected {shapes[ours]}"
+                    f"{where}: tensor {path} has shape {tuple(leaf.shape)}, expected {expected}"
                 )
+            targets[path] = jax.ShapeDtypeStruct(expected, leaf.dtype, sharding=sharding)
+    return targets
+
+
+def _restore(items: str, prefix: str, targets: dict[str, jax.ShapeDtypeStruct]) -> dict:
+    """Only the target arrays, each device reading its own block; keyed like ``targets``."""
+    import orbax.checkpoint as ocp
+
+    item = _nest({"/".join(filter(None, (prefix, p))): t for p, t in targets.items()})
+    restore_args = jax.tree_util.tree_map(
+        lambda s: ocp.ArrayRestoreArgs(sharding=s.sharding, global_shape=s.shape, dtype=s.dtype),
+        item,
+    )
+    args = ocp.args.PyTreeRestore(item=item, restore_args=restore_args, partial_restore=True)
+    restored = _lookup(ocp.PyTreeCheckpointer().restore(items, args=args), prefix)
+    return {path: _lookup(restored, path) for path in targets}
 
 
 def _nest(flat: dict[str, Any]) -> dict:
@@ -233,67 +288,23 @@ def load_checkpoint(
     **options: Any,
 ) -> Llama:
     """Import a MaxText LLaMA checkpoint (run dir, step dir or items dir) onto ``mesh``."""
-    import orbax.checkpoint as ocp
-
     items = items_dir(path)
     tree = _stored_tree(items)
-    root_path = model_root(tree, items)
-    root = _lookup(tree, "/".join(root_path)) if root_path else tree
-    scanned = _check_layout(tree, root, declared_scan(items), items)
-    config_path = llama_config or path
-    if not os.path.isfile(config_path) and not os.path.isfile(
-        os.path.join(config_path, "config.json")
-    ):
-        raise CheckpointError(
-            f"{path}: a MaxText checkpoint stores no Hugging Face config; put the model's "
-            "config.json in this directory or set model.llama_config to its path"
-        )
-    embed = _lookup(root, GLOBAL_TENSORS["embed"])
-    stored_dtype = jnp.dtype(embed.dtype if embed is not None else "float32")
-    config = hf.config_from_hf(
-        hf.read_hf_config(config_path),
-        param_dtype=jnp.dtype(dtype or stored_dtype).name,
-        dtype=compute_dtype,
-        where=config_path,
-        **options,
-    )
-    if config.score_model or config.attention_bias or config.mlp_bias:
-        raise CheckpointError(f"{items}: MaxText LLaMA has no score heads or biases")
+    prefix = "/".join(model_root(tree, items))
+    root = _lookup(tree, prefix)
+    scanned = _check_layout(root, declared_scan(items), items)
+    config = _architecture(path, llama_config, root, dtype, compute_dtype, options)
     mesh = mesh or parallel.make_mesh(devices=jax.devices()[:1])
     graphdef, abstract = nnx.split(nnx.eval_shape(lambda: Llama(config, rngs=nnx.Rngs(0))))
     ours = {
         parallel.path_name(p): leaf for p, leaf in jax.tree_util.tree_leaves_with_path(abstract)
     }
     names = stored_names(config, scanned)
-    shapes = {
-        name: stored_shape(tuple(ours[name].shape), name.startswith("layers/"), scanned)
-        for name in names
-    }
-    _check_shapes(root, names, shapes, items)
-
-    prefix = "/".join(root_path)
-    targets = {}
-    for name, paths in names.items():
-        spec = parallel.param_spec(name, tuple(ours[name].shape), mesh)
-        sharding = NamedSharding(mesh, stored_spec(spec, name.startswith("layers/"), scanned))
-        for p in paths:
-            leaf = _lookup(root, p)
-            full = f"{prefix}/{p}" if prefix else p
-            targets[full] = jax.ShapeDtypeStruct(tuple(leaf.shape), leaf.dtype, sharding=sharding)
-    item = _nest(targets)
-    restore_args = jax.tree_util.tree_map(
-        lambda s: ocp.ArrayRestoreArgs(sharding=s.sharding, global_shape=s.shape, dtype=s.dtype),
-        item,
-    )
-    restored = ocp.PyTreeCheckpointer().restore(
-        items,
-        args=ocp.args.PyTreeRestore(item=item, restore_args=restore_args, partial_restore=True),
-    )
-    restored_root = _lookup(restored, prefix) if prefix else restored
+    restored = _restore(items, prefix, _restore_targets(root, names, ours, mesh, scanned, items))
 
     def place(key_path, leaf):
         name = parallel.path_name(key_path)
-        parts = [_lookup(restored_root, p) for p in names[name]]
+        parts = [restored.pop(p) for p in names[name]]
         sharding = NamedSharding(mesh, parallel.param_spec(name, tuple(leaf.shape), mesh))
         convert = jax.jit(lambda xs: to_ours(name, config, scanned, xs), out_shardings=sharding)
         value = convert(parts)
