@@ -27,8 +27,9 @@ def easylm_dir(tmp_path, variant, *, with_config=True, train_state=False):
     return str(out)
 
 
-@pytest.mark.parametrize("variant", ["gqa", "mha", "tied"])
-@pytest.mark.parametrize("mesh_shape", [None, (2, 2, 2)])
+@pytest.mark.parametrize(
+    ("variant", "mesh_shape"), [("gqa", None), ("gqa", (2, 2, 2)), ("mha", None), ("tied", None)]
+)
 def test_streaming_params_match_torch(tmp_path, variant, mesh_shape):
     path = easylm_dir(tmp_path, variant)
     assert formats.detect(path) == "easylm"
