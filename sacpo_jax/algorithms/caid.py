@@ -266,7 +266,12 @@ class CaidRun:
                 break
             lam = dual_update(history[t]["lambda"], history[t]["u"], self.stage.dual_lr)
             state = self.policy_step(t, lam, state, first_step if t == first else 0, history)
-            hf.save_checkpoint(self.policy(state), self.iterate_dir(t + 1), self.ctx.tokenizer)
+            hf.save_checkpoint(
+                self.policy(state),
+                self.iterate_dir(t + 1),
+                self.ctx.tokenizer,
+                msgpack=self.stage.train.export_msgpack,
+            )
             step = (t + 1) * self.steps_per_iteration
             meta = {"iteration": t + 1, "local_step": 0, "history": history}
             self.checkpointer.save(step, state.saved(), meta, force=True)
@@ -439,4 +444,5 @@ class CaidRun:
             if best > 0:
                 os.symlink(os.path.join(ITERATES_DIR, str(best)), path)
         if best == 0:
-            hf.save_checkpoint(self.reference, path, self.ctx.tokenizer)
+            msgpack = self.stage.train.export_msgpack
+            hf.save_checkpoint(self.reference, path, self.ctx.tokenizer, msgpack=msgpack)
