@@ -81,15 +81,15 @@ def model_scorer(score_model: Llama, tokenizer, name: str, template: str | None)
 def generate_responses(
     model: Llama, tokenizer, prompts: list[str], settings: EvalSettings, mesh: Mesh | None
 ) -> list[str]:
-    texts = [settings.template.format(prompt=p) if settings.template else p for p in prompts]
     return generate(
         model,
         tokenizer,
-        texts,
+        prompts,
         max_new_tokens=settings.max_new_tokens,
         temperature=settings.temperature,
         top_p=settings.top_p,
         seed=settings.seed,
+        template=settings.template,
         stop=settings.stop,
         mesh=mesh,
     )
@@ -256,7 +256,10 @@ def parse_args(argv):
         "--tokenizer", help="tokenizer dir (default: the first model's), or bundled:oracle"
     )
     parser.add_argument(
-        "--template", default="BEGINNING OF CONVERSATION: USER: {prompt} ASSISTANT:"
+        "--template",
+        default="auto",
+        help="'{prompt}' template, 'chat', or 'auto' (default: chat template if the "
+        "tokenizer has one, else the PKU template)",
     )
     parser.add_argument("--max-new-tokens", type=int, default=512)
     parser.add_argument("--reward-model")

@@ -307,15 +307,15 @@ class CaidRun:
         """Each prompt answered M times by ``policy``; prompts repeated to match."""
         s = self.stage.sampling
         prompts = [p for p in self.prompts for _ in range(s.responses_per_prompt)]
-        texts = [s.template.format(prompt=p) if s.template else p for p in prompts]
         responses = generate(
             policy,
             self.ctx.tokenizer,
-            texts,
+            prompts,
             max_new_tokens=s.max_new_tokens,
             temperature=s.temperature,
             top_p=s.top_p,
             seed=round_seed(self.ctx.seed, t, 0),
+            template=s.template,
             stop=s.stop,
             batch_size=s.batch_size,
             mesh=self.ctx.mesh,

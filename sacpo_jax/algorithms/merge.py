@@ -39,9 +39,12 @@ def merge_models(models: Sequence[Llama], weights: Sequence[float]) -> Llama:
         )
     if abs(sum(weights) - 1.0) > 1e-6:
         raise MergeError(f"merge weights must sum to 1, got {list(weights)} (sum {sum(weights)})")
+    def architecture(config):
+        return config.replace(hf_extra_json="{}", generation_config_json="{}")
+
     first = models[0].config
     for model in models[1:]:
-        if model.config.replace(hf_extra_json="{}") != first.replace(hf_extra_json="{}"):
+        if architecture(model.config) != architecture(first):
             raise MergeError("models to merge must share one architecture and execution config")
     graphdef, _ = nnx.split(models[0])
     trees = [nnx.to_pure_dict(nnx.state(m, nnx.Param)) for m in models]
