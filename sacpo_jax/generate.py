@@ -78,9 +78,7 @@ class GeneratedTokens(NamedTuple):
 # ----------------------------------------------------------------------------- stop strings
 
 
-def resolve_stop(
-    stop: str | Sequence[str] | None, template: str | None = None
-) -> tuple[str, ...]:
+def resolve_stop(stop: str | Sequence[str] | None, template: str | None = None) -> tuple[str, ...]:
     """Stop strings from a preset name ("sacpo"), a list of strings, None (none) or "auto":
     none under the chat template (the model ends its turn with an EOS id), else "sacpo"."""
     if stop is None:

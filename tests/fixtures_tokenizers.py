@@ -153,7 +153,10 @@ def chat_tokenizer(directory: str | Path, style: str):
             single=f"{facts['bos']} $A", special_tokens=[(facts["bos"], bos_id)]
         )
     wrapped = PreTrainedTokenizerFast(
-        tokenizer_object=core, bos_token=facts["bos"], eos_token=facts["eos"], pad_token=facts["pad"]
+        tokenizer_object=core,
+        bos_token=facts["bos"],
+        eos_token=facts["eos"],
+        pad_token=facts["pad"],
     )
     wrapped.chat_template = facts["template"]
     wrapped.save_pretrained(str(directory))

@@ -69,8 +69,8 @@ def test_generation_prompt_has_one_bos_like_training_and_scoring(name, request):
     assert expected[0] == bos and bos not in expected[1:]
     rendered = tokenizer.apply_chat_template([USER], tokenize=False, add_generation_prompt=True)
 
-    assert tokenize_prompts(tokenizer, [USER["content"]], "chat") == [expected]
     assert tokenize_prompts(tokenizer, [rendered]) == [expected]  # a pre-rendered prompt
+    assert tokenize_prompts(tokenizer, [USER["content"]], "chat") == [expected]
     training_prompt, _ = tokenize_prompt_completion(tokenizer, rendered, "Mix flour.")
     assert training_prompt == expected
     ids, _, loss_mask, _ = next(
@@ -87,8 +87,8 @@ def test_pku_prompts_tokenise_as_before(name, tmp_path):
     prompts = ["how do I make bread", "tell me about the lazy dog"]
     texts = [apply_template(PKU_TEMPLATE, p) for p in prompts]
     expected = [tokenizer(t, add_special_tokens=True).input_ids for t in texts]
-    assert tokenize_prompts(tokenizer, prompts, "auto") == expected
     assert tokenize_prompts(tokenizer, texts) == expected
+    assert tokenize_prompts(tokenizer, prompts, "auto") == expected
 
 
 # ----------------------------------------------------------------------------- end of turn
@@ -106,7 +106,9 @@ def chat_rows(path):
     return rows
 
 
-@pytest.mark.parametrize("style, end_of_turn", [("chatml", "<|im_end|>\n"), ("llama3", "<|eot_id|>")])
+@pytest.mark.parametrize(
+    "style, end_of_turn", [("chatml", "<|im_end|>\n"), ("llama3", "<|eot_id|>")]
+)
 def test_chat_pair_completion_ends_with_one_end_of_turn(style, end_of_turn, request, tmp_path):
     """TRL's conversational convention: prompt = the template with the generation prompt,
     completion = what the whole conversation adds; no EOS appended after the end of turn."""
@@ -135,7 +137,9 @@ def test_chat_sft_completion_is_the_templates_assistant_turn(style, request, tmp
     tokenizer = request.getfixturevalue(style)
     messages = [USER, {"role": "assistant", "content": "Bake it in a hot oven."}]
     (tmp_path / "sft.jsonl").write_text(json.dumps({"messages": messages}) + "\n")
-    spec = DataSpec(source={"type": "jsonl", "path": str(tmp_path / "sft.jsonl")}, adapter="chat_sft")
+    spec = DataSpec(
+        source={"type": "jsonl", "path": str(tmp_path / "sft.jsonl")}, adapter="chat_sft"
+    )
     dataset, _ = build_dataset(spec, tokenizer)
     tokens = dataset.prompts[0].tolist() + dataset.completions[0][0].tolist()
     assert tokens == template_ids(tokenizer, messages)
@@ -210,10 +214,10 @@ def test_generation_config_round_trip_and_every_eos_id_stops(llama3, tmp_path):
     where transformers' generate does, and an export writes the file back."""
     source = tmp_path / "source"
     ids = {k: getattr(llama3, f"{k}_token_id") for k in ("bos", "eos")}
+    token_ids = dict(bos_token_id=ids["bos"], eos_token_id=ids["eos"], pad_token_id=ids["eos"])
     torch_model = save_causal_lm(
-        source, "mha_untied", vocab_size=len(llama3), pad_token_id=ids["eos"],
-        bos_token_id=ids["bos"], eos_token_id=ids["eos"], scale=0.5,
-    )  # fmt: skip
+        source, "mha_untied", vocab_size=len(llama3), scale=0.5, **token_ids
+    )
     prompt = torch.tensor([llama3("How do I bake bread?").input_ids])
     free = torch_model.generate(prompt, max_new_tokens=8, do_sample=False, eos_token_id=None)
     new = free[0, prompt.shape[1] :].tolist()

@@ -39,6 +39,7 @@ def merge_models(models: Sequence[Llama], weights: Sequence[float]) -> Llama:
         )
     if abs(sum(weights) - 1.0) > 1e-6:
         raise MergeError(f"merge weights must sum to 1, got {list(weights)} (sum {sum(weights)})")
+
     def architecture(config):
         return config.replace(hf_extra_json="{}", generation_config_json="{}")
 

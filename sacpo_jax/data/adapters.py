@@ -52,6 +52,7 @@ from typing import Any
 from sacpo_jax.data import errors
 from sacpo_jax.data.errors import BadRow
 from sacpo_jax.data.prompts import PKU_TEMPLATE, chat_conversation, chat_prompt
+
 HH_ASSISTANT = "\n\nAssistant:"
 
 # Kinds of examples, and so of batches.
