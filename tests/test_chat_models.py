@@ -8,6 +8,7 @@ Tokenizers with a ChatML (Qwen-style) and a Llama-3-style chat template are buil
 
 import json
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -150,8 +151,8 @@ def test_chat_sft_completion_is_the_templates_assistant_turn(style, request, tmp
 
 def bigram_model(vocab_size: int, successor: dict[int, int], filler: int) -> Llama:
     """A one-layer LLaMA whose greedy next token depends only on the current token:
-    one-hot embeddings, attention and MLP outputs zeroed, lm_head[a, successor(a)] = 1
-    (``filler`` for tokens without a successor)."""
+    one-hot embeddings, zero attention and MLP weights (they add nothing to the residual),
+    lm_head[a, successor(a)] = 1 (``filler`` for tokens without a successor)."""
     config = tiny_config(
         vocab_size=vocab_size,
         hidden_size=vocab_size,
@@ -161,7 +162,7 @@ def bigram_model(vocab_size: int, successor: dict[int, int], filler: int) -> Lla
         num_key_value_heads=1,
         head_dim=8,
     )
-    model = Llama(config, rngs=nnx.Rngs(0))
+    model = zero_model(config)
     head = np.zeros((vocab_size, vocab_size), np.float32)
     head[np.arange(vocab_size), filler] = 1.0
     for token, following in successor.items():
@@ -169,9 +170,14 @@ def bigram_model(vocab_size: int, successor: dict[int, int], filler: int) -> Lla
         head[token, following] = 1.0
     model.embed[...] = jnp.eye(vocab_size)
     model.lm_head[...] = jnp.asarray(head)
-    model.layers.o[...] = jnp.zeros_like(model.layers.o[...])
-    model.layers.down[...] = jnp.zeros_like(model.layers.down[...])
+    model.final_norm[...] = jnp.ones(vocab_size)
     return model
+
+
+def zero_model(config) -> Llama:
+    """A Llama with all parameters zero, built without eager random initialisation."""
+    graphdef, abstract = nnx.split(nnx.eval_shape(lambda: Llama(config, rngs=nnx.Rngs(0))))
+    return nnx.merge(graphdef, jax.tree.map(lambda x: jnp.zeros(x.shape, x.dtype), abstract))
 
 
 def scripted(tokenizer, prompt_ids, script_ids, filler_text=" fox"):
@@ -243,6 +249,5 @@ def test_generation_config_round_trip_and_every_eos_id_stops(llama3, tmp_path):
 
 
 def test_no_generation_config_is_written_when_the_source_has_none(tmp_path):
-    model = Llama(tiny_config(), rngs=nnx.Rngs(0))
-    hf.save_checkpoint(model, str(tmp_path))
+    hf.save_checkpoint(zero_model(tiny_config()), str(tmp_path))
     assert not (tmp_path / "generation_config.json").exists()
