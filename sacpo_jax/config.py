@@ -32,7 +32,7 @@ from pydantic import (
     model_validator,
 )
 
-from sacpo_jax.data.adapters import ADAPTERS, PAIR, PKU_TEMPLATE, SCORE_PAIR, SFT, UNPAIRED
+from sacpo_jax.data.adapters import ADAPTERS, PAIR, SCORE_PAIR, SFT, UNPAIRED
 from sacpo_jax.data.spec import DataSpec, SourceSpec
 from sacpo_jax.data.tokenize import BUNDLED_TOKENIZER
 from sacpo_jax.errors import SacpoError
@@ -359,14 +359,19 @@ class MergeStage(StageBase):
 
 
 class EvalSettings(Strict):
-    """Generation and rating settings of an evaluation (the paper: greedy, 512 tokens)."""
+    """Generation and rating settings of an evaluation (the paper: greedy, 512 tokens).
 
-    template: str | None = PKU_TEMPLATE
+    ``template`` "auto": the tokenizer's chat template if it has one, else the PKU
+    template; ``stop`` "auto": EOS ids only under the chat template, else the paper's
+    stop strings (sacpo_jax.data.prompts, sacpo_jax.generate.resolve_stop).
+    """
+
+    template: str | None = "auto"
     max_new_tokens: int = Field(512, gt=0)
     temperature: float = Field(0.0, ge=0)
     top_p: float = Field(1.0, gt=0, le=1)
     seed: int = 0
-    stop: str | list[str] | None = "sacpo"
+    stop: str | list[str] | None = "auto"
     elo_trials: int = Field(50, gt=0)
 
 
@@ -436,8 +441,8 @@ class CaidSampling(Strict):
     temperature: float = Field(1.0, gt=0)
     top_p: float = Field(0.9, gt=0, le=1)
     max_new_tokens: int = Field(512, gt=0)
-    template: str | None = PKU_TEMPLATE
-    stop: str | list[str] | None = "sacpo"
+    template: str | None = "auto"  # as EvalSettings.template
+    stop: str | list[str] | None = "auto"  # as EvalSettings.stop
     batch_size: int = Field(64, gt=0)
 
 

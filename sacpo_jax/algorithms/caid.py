@@ -48,7 +48,6 @@ from sacpo_jax.algorithms.pseudo_labels import (
 from sacpo_jax.config import ORACLE, CaidStage
 from sacpo_jax.data.pipeline import build_dataset
 from sacpo_jax.data.prompts import read_prompts
-from sacpo_jax.data.tokenize import apply_template
 from sacpo_jax.generate import generate
 from sacpo_jax.models import hf
 from sacpo_jax.models.llama import Llama
@@ -314,11 +313,12 @@ class CaidRun:
         responses = generate(
             policy,
             self.ctx.tokenizer,
-            [apply_template(s.template, p) for p in prompts],
+            prompts,
             max_new_tokens=s.max_new_tokens,
             temperature=s.temperature,
             top_p=s.top_p,
             seed=round_seed(self.ctx.seed, t, 0),
+            template=s.template,
             stop=s.stop,
             batch_size=s.batch_size,
             mesh=self.ctx.mesh,

@@ -6,6 +6,8 @@ model.safetensors.index.json), memory-maps every tensor and builds each paramete
 ``jax.make_array_from_callback``: every device reads only its own block of the file.
 Export writes config.json, safetensors files (sharded above ``max_shard_bytes``) and the
 tokenizer; ``transformers``' ``LlamaForCausalLM.from_pretrained`` loads the result.
+A source's generation_config.json (EOS ids, pad, sampling defaults) is read on import,
+kept in the config and written back on export.
 
 Supported architectures: LlamaForCausalLM, LlamaForSequenceClassification (score head
 ``score.weight``) and safe-rlhf's LlamaModelForScore (``score_head.weight``).
@@ -46,6 +48,9 @@ _MODELED_KEYS = {
     "attention_bias", "mlp_bias", "architectures", "model_type", "torch_dtype", "dtype",
     "transformers_version",
 }  # fmt: skip
+
+
+GENERATION_CONFIG = "generation_config.json"
 
 
 # ----------------------------------------------------------------------------- config
@@ -98,9 +103,11 @@ def config_from_hf(
     param_dtype: str,
     dtype: str | None = None,
     where: str = "config.json",
+    generation: dict[str, Any] | None = None,
     **options: Any,
 ) -> LlamaConfig:
-    """Our LlamaConfig from a Hugging Face config dict; ``options`` set remat/scan_layers."""
+    """Our LlamaConfig from a Hugging Face config dict (and generation_config.json's dict,
+    ``generation``); ``options`` set remat/scan_layers."""
     try:
         heads = int(hf["num_attention_heads"])
         extra = {k: v for k, v in hf.items() if k not in _MODELED_KEYS}
@@ -121,6 +128,7 @@ def config_from_hf(
             param_dtype=param_dtype,
             dtype=dtype or param_dtype,
             hf_extra_json=json.dumps(extra, sort_keys=True),
+            generation_config_json=json.dumps(generation or {}, sort_keys=True),
             **options,
         )
     except KeyError as e:
@@ -337,11 +345,24 @@ def read_hf_config(path: str) -> dict[str, Any]:
     config_path = path if os.path.isfile(path) else os.path.join(path, "config.json")
     if not os.path.isfile(config_path):
         raise CheckpointError(f"{path}: no config.json (is this a Hugging Face model directory?)")
+    return _read_json_object(config_path)
+
+
+def read_generation_config(path: str) -> dict[str, Any]:
+    """generation_config.json of a model directory; {} when it has none."""
+    config_path = os.path.join(path, GENERATION_CONFIG)
+    return _read_json_object(config_path) if os.path.isfile(config_path) else {}
+
+
+def _read_json_object(path: str) -> dict[str, Any]:
     try:
-        with open(config_path, encoding="utf-8") as f:
-            return json.load(f)
+        with open(path, encoding="utf-8") as f:
+            value = json.load(f)
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise CheckpointError(f"{config_path}: invalid JSON ({e})") from None
+        raise CheckpointError(f"{path}: invalid JSON ({e})") from None
+    if not isinstance(value, dict):
+        raise CheckpointError(f"{path}: expected a JSON object, got {type(value).__name__}")
+    return value
 
 
 def open_safetensors(path: str) -> SafetensorsReader:
@@ -441,7 +462,12 @@ def load_checkpoint(
     param_dtype = jnp.dtype(dtype or stored.name).name
     where = os.path.join(path, "config.json")
     config = config_from_hf(
-        hf, param_dtype=param_dtype, dtype=compute_dtype, where=where, **options
+        hf,
+        param_dtype=param_dtype,
+        dtype=compute_dtype,
+        where=where,
+        generation=read_generation_config(path),
+        **options,
     )
     maps = tensor_maps(config)
     check_tensors(reader, maps, config, path)
@@ -493,8 +519,9 @@ def save_checkpoint(
     max_shard_bytes: int = 5 * 2**30,
     msgpack: bool = False,
 ) -> None:
-    """Write config.json, safetensors (with an index when sharded) and the tokenizer;
-    ``msgpack``: also flax_model.msgpack in the transformers 4.x Flax layout."""
+    """Write config.json, safetensors (with an index when sharded), the source's
+    generation_config.json (when it had one) and the tokenizer; ``msgpack``: also
+    flax_model.msgpack in the transformers 4.x Flax layout."""
     plan = export_plan(model, tensor_maps(model.config))
     shards: list[list[PlannedTensor]] = [[]]
     size = 0
@@ -531,5 +558,8 @@ def save_checkpoint(
             json.dump(index, f, indent=2)
     with open(os.path.join(path, "config.json"), "w") as f:
         json.dump(config_to_hf(model.config), f, indent=2, sort_keys=True)
+    if model.config.generation_config:
+        with open(os.path.join(path, GENERATION_CONFIG), "w") as f:
+            json.dump(model.config.generation_config, f, indent=2, sort_keys=True)
     if tokenizer is not None:
         tokenizer.save_pretrained(path)
