@@ -21,12 +21,12 @@ import pytest
 import yaml
 
 from sacpo_jax.algorithms.caid import CaidRun, best_iterate, dual_update, iterate_estimates
-from sacpo_jax.checkpoint import Preempted
 from sacpo_jax.algorithms.pseudo_labels import (
     PseudoLabelError,
     draw_second_preferred,
     second_preferred_probability,
 )
+from sacpo_jax.checkpoint import Preempted
 from sacpo_jax.config import CaidStage, ConfigError, load_config
 from sacpo_jax.data.oracle_tokenizer import oracle_tokenizer
 from sacpo_jax.data.pipeline import build_dataset

@@ -48,7 +48,6 @@ from sacpo_jax.algorithms.pseudo_labels import (
 from sacpo_jax.config import ORACLE, CaidStage
 from sacpo_jax.data.pipeline import build_dataset
 from sacpo_jax.data.prompts import read_prompts
-from sacpo_jax.data.tokenize import apply_template
 from sacpo_jax.generate import generate
 from sacpo_jax.models.llama import Llama
 from sacpo_jax.scorers import LogRatioScorer, OracleScorer, PairSet, ScoreModelScorer, Scorer
@@ -267,7 +266,9 @@ class CaidRun:
                 break
             lam = dual_update(history[t]["lambda"], history[t]["u"], self.stage.dual_lr)
             state = self.policy_step(t, lam, state, first_step if t == first else 0, history)
-            export(self.policy(state), self.ctx, os.path.join(ITERATES_DIR, str(t + 1)))
+            msgpack = self.stage.train.export_msgpack
+            iterate = os.path.join(ITERATES_DIR, str(t + 1))
+            export(self.policy(state), self.ctx, iterate, msgpack=msgpack)
             step = (t + 1) * self.steps_per_iteration
             meta = {"iteration": t + 1, "local_step": 0, "history": history}
             self.loop.save(step, state, meta, force=True)
@@ -307,11 +308,12 @@ class CaidRun:
         responses = generate(
             policy,
             self.ctx.tokenizer,
-            [apply_template(s.template, p) for p in prompts],
+            prompts,
             max_new_tokens=s.max_new_tokens,
             temperature=s.temperature,
             top_p=s.top_p,
             seed=round_seed(self.ctx.seed, t, 0),
+            template=s.template,
             stop=s.stop,
             batch_size=s.batch_size,
             mesh=self.ctx.mesh,
@@ -433,7 +435,7 @@ class CaidRun:
     def publish_model(self, best: int) -> None:
         """``model/``: a link to ``iterates/<best>``, or an export of pi_ref for iterate 0."""
         if best == 0:
-            export(self.reference, self.ctx)
+            export(self.reference, self.ctx, msgpack=self.stage.train.export_msgpack)
         elif jax.process_index() == 0:
             path = os.path.join(self.ctx.stage_dir, MODEL_DIR)
             link = os.path.join(self.ctx.stage_dir, f".{MODEL_DIR}.link")

@@ -36,7 +36,7 @@ from sacpo_jax.training.context import StageContext
 from sacpo_jax.training.loop import Trainer, TrainingLoop
 from sacpo_jax.training.optim import stage_optimizer
 from sacpo_jax.training.reference import OnTheFlyReference, add_reference_columns
-from sacpo_jax.training.state import TrainState, split_model
+from sacpo_jax.training.state import TrainState, all_finite, split_model
 
 MODEL_DIR = "model"
 CHECKPOINTS_DIR = "checkpoints"
@@ -164,7 +164,7 @@ def finish(loop: TrainingLoop, state: TrainState, total: int) -> Llama:
                 json.dump(results, f, indent=2)
     loop.save(total, state, {"step": total}, force=True)
     model = nnx.merge(loop.trainer.graphdef, state.model_params())
-    export(model, loop.ctx)
+    export(model, loop.ctx, msgpack=loop.train.export_msgpack)
     loop.checkpointer.close()
     loop.logger.close()
     checkpoint.mark_finished(stage_dir, {"step": total, "fingerprint": params_fingerprint(model)})
@@ -174,10 +174,17 @@ def finish(loop: TrainingLoop, state: TrainState, total: int) -> Llama:
     return model
 
 
-def export(model: Llama, ctx: StageContext, directory: str = MODEL_DIR) -> None:
-    """The stage's model in the HF format, written all at once (``stage_dir/directory``)."""
+def export(
+    model: Llama, ctx: StageContext, directory: str = MODEL_DIR, *, msgpack: bool = False
+) -> None:
+    """The stage's model in the HF format (``msgpack``: also transformers 4.x Flax), written
+    all at once into ``stage_dir/directory``."""
+    if not bool(all_finite(nnx.state(model, nnx.Param))):
+        raise checkpoint.CheckpointError(
+            f"{ctx.stage_dir}: the model to export has non-finite parameters; nothing written"
+        )
     with checkpoint.atomic_directory(os.path.join(ctx.stage_dir, directory)) as path:
-        hf.save_checkpoint(model, path, ctx.tokenizer)
+        hf.save_checkpoint(model, path, ctx.tokenizer, msgpack=msgpack)
 
 
 def report_disk_use(name: str, stage_dir: str) -> None:
