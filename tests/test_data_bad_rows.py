@@ -1,4 +1,4 @@
-"""Bad rows: one small file per problem (row 1 is the bad one, rows 0 and 2 are good).
+"""Bad rows: one small file per problem (line 2 is the bad one, lines 1 and 3 are good).
 
 Policy error: a one-line DataError naming the file, the row, the field and the
 problem. Policy skip: the row is dropped and counted under its reason.
@@ -87,7 +87,7 @@ def test_error_policy_gives_one_line(tokenizer, name, adapter, prompt_len, field
     with pytest.raises(DataError) as caught:
         build_dataset(spec, tokenizer)
     path = BAD_ROWS / f"{name}.jsonl"
-    assert str(caught.value) == f"{path}: row 1: field '{field}': {problem}"
+    assert str(caught.value) == f"{path}: line 2: field '{field}': {problem}"
     assert caught.value.reason == reason
     assert isinstance(caught.value, ValueError)
 
@@ -101,13 +101,14 @@ def test_skip_policy_counts_the_reason(
     assert len(dataset) == 2
 
 
-def test_unparsable_line_is_a_one_line_error(tokenizer):
-    spec = spec_for("bad_json", "pku_helpful", 20, "skip")
+def test_unparsable_line_is_a_one_line_error_or_a_counted_skip(tokenizer):
     with pytest.raises(DataError) as caught:
-        build_dataset(spec, tokenizer)
+        build_dataset(spec_for("bad_json", "pku_helpful", 20, "error"), tokenizer)
     message = str(caught.value)
-    assert message.startswith(f"{BAD_ROWS / 'bad_json.jsonl'}: row 1: invalid JSON")
+    assert message.startswith(f"{BAD_ROWS / 'bad_json.jsonl'}: line 2: invalid JSON")
     assert "\n" not in message
+    dataset, report = build_dataset(spec_for("bad_json", "pku_helpful", 20, "skip"), tokenizer)
+    assert report == {"invalid_json": 1} and len(dataset) == 2
 
 
 def test_all_rows_skipped_is_an_error(tokenizer, tmp_path):

@@ -20,17 +20,21 @@ IDENTICAL_TOKENS = "identical_tokens"
 CONTRADICTORY_SAFETY = "contradictory_safety"
 NO_ROOM_FOR_RESPONSE = "no_room_for_response"
 MALFORMED = "malformed"
+INVALID_JSON = "invalid_json"
+NOT_AN_OBJECT = "not_an_object"
+NOT_UTF8 = "not_utf8"
 
 
 class DataError(SacpoError, ValueError):
-    """A data problem, reported as one line: ``<source>: row <i>: field '<f>': <problem>``."""
+    """A data problem, reported as one line: ``<source>: <where>: field '<f>': <problem>``
+    (``where``: "line 12", "row 3" ...; a field of "-" is the whole row)."""
 
     def __init__(
         self,
         source: str,
         problem: str,
         *,
-        row: int | None = None,
+        row: str | None = None,
         field: str | None = None,
         reason: str = MALFORMED,
     ) -> None:
@@ -41,8 +45,8 @@ class DataError(SacpoError, ValueError):
         self.reason = reason
         parts = [source]
         if row is not None:
-            parts.append(f"row {row}")
-        if field is not None:
+            parts.append(row)
+        if field not in (None, "-"):
             parts.append(f"field '{field}'")
         parts.append(" ".join(problem.split()))  # keep the message on one line
         super().__init__(": ".join(parts))

@@ -92,15 +92,17 @@ def _tokenize_source(
     )
     encoded: list[Encoded] = []
     report: Counter[str] = Counter()
-    for index, row in enumerate(itertools.islice(read_rows(spec.source), spec.limit)):
+    for row in itertools.islice(read_rows(spec.source), spec.limit):
         try:
-            examples = adapter.convert(row, context)
+            if row.problem is not None:
+                raise row.problem
+            examples = adapter.convert(row.values, context)
             row_encoded = [encode(example) for example in examples]
             _check_columns(encoded[0][2] if encoded else None, row_encoded)
         except BadRow as bad:
             if spec.on_bad_row == "error":
                 raise DataError(
-                    label, bad.problem, row=index, field=bad.field, reason=bad.reason
+                    label, bad.problem, row=row.where, field=bad.field, reason=bad.reason
                 ) from None
             report[bad.reason] += 1
             continue

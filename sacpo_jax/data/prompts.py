@@ -21,6 +21,7 @@ Prompt sets: {prompt, category} rows from any data source; SACPO's evaluation se
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Sequence
 from typing import Any
 
@@ -95,14 +96,15 @@ def render_texts(
 
 def read_prompts(source: SourceSpec, field: str = "prompt", limit: int | None = None) -> list[dict]:
     """The first ``limit`` rows' ``field`` as {prompt, category} (category "all" if absent)."""
-    prompts = []
-    for index, row in enumerate(read_rows(source)):
-        if limit is not None and index >= limit:
-            break
-        text = row.get(field)
+    label, prompts = source_label(source), []
+    for row in itertools.islice(read_rows(source), limit):
+        if row.problem is not None:
+            problem = row.problem
+            raise DataError(label, problem.problem, row=row.where, field=problem.field)
+        text = row.values.get(field)
         if not isinstance(text, str) or not text.strip():
-            raise DataError(source_label(source), "missing or empty", row=index, field=field)
-        prompts.append({"prompt": text, "category": str(row.get("category", "all"))})
+            raise DataError(label, "missing or empty", row=row.where, field=field)
+        prompts.append({"prompt": text, "category": str(row.values.get("category", "all"))})
     if not prompts:
-        raise DataError(source_label(source), "no prompts")
+        raise DataError(label, "no prompts")
     return prompts

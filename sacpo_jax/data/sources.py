@@ -2,8 +2,14 @@
 
 Three functions of a `SourceSpec`: a label for messages, a fingerprint that
 changes when the rows can change (the cache key uses it), and the rows
-themselves as plain Python dicts. Problems reading a source raise a one-line
-`DataError`.
+themselves (`SourceRow`: where the row is, its values as plain Python dicts, or why
+it cannot be read). A source that cannot be opened at all raises a one-line
+`DataError`; a row that cannot be read (invalid JSON, a truncated last line, not an
+object, bytes that are not UTF-8) comes out as a `SourceRow` with a problem, so the
+pipeline's ``on_bad_row`` policy decides: stop with one line, or count and skip it.
+Rows are located as users find them: "line N" of a JSON Lines file (1-based, blank
+lines counted), "element i" of a JSON list, "row i" of CSV, Parquet, hub and TFDS
+sources (0-based indices).
 """
 
 from __future__ import annotations
@@ -12,13 +18,25 @@ import hashlib
 import importlib
 import json
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from sacpo_jax.data.errors import DataError
+from sacpo_jax.data import errors
+from sacpo_jax.data.errors import BadRow, DataError
 from sacpo_jax.data.spec import SourceSpec
+
+
+@dataclass(frozen=True)
+class SourceRow:
+    """One row of a source: ``where`` it is, and its ``values`` or the ``problem`` that
+    kept it from being read."""
+
+    where: str
+    values: dict[str, Any] | None = None
+    problem: BadRow | None = None
 
 
 def source_label(spec: SourceSpec) -> str:
@@ -47,22 +65,27 @@ def source_fingerprint(spec: SourceSpec) -> str:
     return _sha256(spec_json.encode())
 
 
-def read_rows(spec: SourceSpec) -> Iterator[dict[str, Any]]:
-    """Yield the source's rows, in order, as dicts of plain Python values."""
+def read_rows(spec: SourceSpec) -> Iterator[SourceRow]:
+    """Yield the source's rows, in order."""
     label = source_label(spec)
     if spec.type == "jsonl":
         yield from _read_jsonl(spec.path, label)
     elif spec.type == "json":
         yield from _read_json(spec.path, label)
     elif spec.type in ("parquet", "csv"):
-        yield from _read_arrow_file(spec, label)
+        yield from _indexed(_read_arrow_file(spec, label))
     elif spec.type == "hub":
-        yield from _load_hub(spec)
+        yield from _indexed(_load_hub(spec))
     elif spec.type == "tfds":
         for row, element in enumerate(_tfds_source(spec, label)):
-            yield _tfds_row(element, label, row)
+            yield _tfds_row(element, row)
     elif spec.type == "bundled":
-        yield from _bundled_rows(spec, label)
+        yield from _indexed(_bundled_rows(spec, label))
+
+
+def _indexed(rows) -> Iterator[SourceRow]:
+    for index, values in enumerate(rows):
+        yield SourceRow(f"row {index}", values)
 
 
 def _sha256(*chunks: bytes) -> str:
@@ -83,37 +106,56 @@ def _file_digest(spec: SourceSpec) -> str:
     return digest.hexdigest()
 
 
-def _read_text(path: str, label: str) -> str:
+def _read_bytes(path: str, label: str) -> bytes:
     try:
-        with open(path, encoding="utf-8") as handle:
+        with open(path, "rb") as handle:
             return handle.read()
-    except (OSError, UnicodeDecodeError) as err:
+    except OSError as err:
         raise DataError(label, f"cannot read file: {err}") from None
 
 
-def _read_jsonl(path: str, label: str) -> Iterator[dict[str, Any]]:
-    lines = (line for line in _read_text(path, label).splitlines() if line.strip())
-    for row, line in enumerate(lines):
+def _read_jsonl(path: str, label: str) -> Iterator[SourceRow]:
+    """One object per line; blank lines are not rows but count as lines."""
+    for number, raw in enumerate(_read_bytes(path, label).split(b"\n"), start=1):
+        where = f"line {number}"
+        try:
+            line = raw.decode("utf-8")
+        except UnicodeDecodeError as err:
+            problem = f"bytes that are not UTF-8 text (byte {err.start})"
+            yield SourceRow(where, problem=BadRow("-", errors.NOT_UTF8, problem))
+            continue
+        if not line.strip():
+            continue
         try:
             value = json.loads(line)
         except json.JSONDecodeError as err:
-            raise DataError(label, f"invalid JSON: {err.msg}", row=row) from None
+            bad = BadRow("-", errors.INVALID_JSON, f"invalid JSON: {err.msg}")
+            yield SourceRow(where, problem=bad)
+            continue
         if not isinstance(value, dict):
-            raise DataError(label, "a row must be a JSON object", row=row)
-        yield value
+            bad = BadRow("-", errors.NOT_AN_OBJECT, "a row must be a JSON object")
+            yield SourceRow(where, problem=bad)
+            continue
+        yield SourceRow(where, value)
 
 
-def _read_json(path: str, label: str) -> Iterator[dict[str, Any]]:
+def _read_json(path: str, label: str) -> Iterator[SourceRow]:
+    """A JSON list of objects (the whole file must parse: it has no rows otherwise)."""
     try:
-        value = json.loads(_read_text(path, label))
+        value = json.loads(_read_bytes(path, label).decode("utf-8"))
+    except UnicodeDecodeError as err:
+        raise DataError(label, f"not UTF-8 text (byte {err.start})") from None
     except json.JSONDecodeError as err:
         raise DataError(label, f"invalid JSON at line {err.lineno}: {err.msg}") from None
     if not isinstance(value, list):
         raise DataError(label, "a JSON source must hold a list of row objects")
-    for row, item in enumerate(value):
-        if not isinstance(item, dict):
-            raise DataError(label, "a row must be a JSON object", row=row)
-        yield item
+    for index, item in enumerate(value):
+        where = f"element {index}"
+        if isinstance(item, dict):
+            yield SourceRow(where, item)
+        else:
+            bad = BadRow("-", errors.NOT_AN_OBJECT, "a row must be a JSON object")
+            yield SourceRow(where, problem=bad)
 
 
 def _read_arrow_file(spec: SourceSpec, label: str) -> Iterator[dict[str, Any]]:
@@ -163,7 +205,7 @@ def _tfds_source(spec: SourceSpec, label: str):
         raise DataError(label, f"cannot open TFDS source: {type(err).__name__}: {err}") from None
 
 
-def _tfds_row(element: dict[str, Any], label: str, row: int) -> dict[str, Any]:
+def _tfds_row(element: dict[str, Any], row: int) -> SourceRow:
     """A TFDS element (numpy values, text as bytes) as plain Python values."""
     out = {}
     for name, value in element.items():
@@ -171,8 +213,8 @@ def _tfds_row(element: dict[str, Any], label: str, row: int) -> dict[str, Any]:
             out[name] = _to_python(value)
         except UnicodeDecodeError as err:
             problem = f"bytes that are not UTF-8 text ({err.reason})"
-            raise DataError(label, problem, row=row, field=name) from None
-    return out
+            return SourceRow(f"row {row}", problem=BadRow(name, errors.NOT_UTF8, problem))
+    return SourceRow(f"row {row}", out)
 
 
 def _bundled_rows(spec: SourceSpec, label: str) -> list[dict[str, Any]]:

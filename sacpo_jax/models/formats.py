@@ -16,12 +16,14 @@ from __future__ import annotations
 import glob
 import os
 
+from sacpo_jax.errors import SacpoError
+
 FORMATS = ("safetensors", "flax_msgpack", "easylm", "maxtext")
 EASYLM_PREFIXES = ("streaming_params", "streaming_train_state")
 ORBAX_MARKERS = ("_CHECKPOINT_METADATA", "_METADATA", "manifest.ocdbt", "items")
 
 
-class CheckpointError(ValueError):
+class CheckpointError(SacpoError, ValueError):
     """A checkpoint that cannot be imported; the message is one line naming the problem."""
 
 

@@ -133,6 +133,8 @@ def config_from_hf(
         )
     except KeyError as e:
         raise CheckpointError(f"{where}: missing field {e.args[0]!r}") from None
+    except (TypeError, ValueError) as e:
+        raise CheckpointError(f"{where}: a field has a wrong type or value ({e})") from None
 
 
 def config_to_hf(config: LlamaConfig) -> dict[str, Any]:
@@ -366,12 +368,23 @@ def _read_json_object(path: str) -> dict[str, Any]:
 
 
 def open_safetensors(path: str) -> SafetensorsReader:
-    """The reader over model.safetensors or the shards named by its index file."""
+    """The reader over model.safetensors or the shards named by its index file (each shard
+    a file inside the model directory)."""
     index = os.path.join(path, "model.safetensors.index.json")
     if os.path.isfile(index):
-        with open(index, encoding="utf-8") as f:
-            files = sorted(set(json.load(f)["weight_map"].values()))
-        return SafetensorsReader(os.path.join(path, name) for name in files)
+        weight_map = _read_json_object(index).get("weight_map")
+        if not isinstance(weight_map, dict) or not weight_map:
+            raise CheckpointError(f"{index}: no weight_map (tensor name -> shard file)")
+        root = os.path.realpath(path)
+        files = []
+        for name in sorted(set(map(str, weight_map.values()))):
+            shard = os.path.realpath(os.path.join(path, name))
+            if os.path.dirname(shard) != root:
+                raise CheckpointError(f"{index}: shard {name!r} is outside the model directory")
+            if not os.path.isfile(shard):
+                raise CheckpointError(f"{index}: shard {name!r} not found")
+            files.append(shard)
+        return SafetensorsReader(files)
     files = sorted(glob.glob(os.path.join(path, "*.safetensors")))
     if not files:
         raise CheckpointError(f"{path}: no model.safetensors or model-*.safetensors found")

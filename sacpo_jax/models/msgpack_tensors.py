@@ -23,6 +23,7 @@ from typing import Any
 import msgpack
 import numpy as np
 
+from sacpo_jax.errors import SacpoError
 from sacpo_jax.models.safetensors_io import DTYPES, PlannedTensor, TensorInfo
 
 NDARRAY_EXT = 1  # flax _MsgpackExtType.ndarray
@@ -31,7 +32,7 @@ CHUNKED = "__msgpack_chunked_array__"
 DTYPE_BY_NAME = {dtype.name: dtype for dtype in DTYPES.values()}
 
 
-class MsgpackError(ValueError):
+class MsgpackError(SacpoError, ValueError):
     """A file that is not (or not entirely) a Flax msgpack checkpoint; one line."""
 
 

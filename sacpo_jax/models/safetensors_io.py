@@ -56,25 +56,42 @@ class SafetensorsReader:
             self._read_header(path)
 
     def _read_header(self, path: str) -> None:
+        """Check the header against the file before anything is mapped: its length, every
+        tensor's dtype, shape and byte range (inside the file, matching dtype x shape)."""
+        size = os.path.getsize(path)
         with open(path, "rb") as f:
             raw = f.read(8)
             if len(raw) < 8:
                 raise SafetensorsError(f"{path}: not a safetensors file (too short)")
             (length,) = struct.unpack("<Q", raw)
+            if length > size - 8:
+                raise SafetensorsError(
+                    f"{path}: header length {length} runs past the end of the file "
+                    f"({size} bytes): truncated or not a safetensors file"
+                )
             try:
                 header = json.loads(f.read(length))
             except (json.JSONDecodeError, UnicodeDecodeError) as e:
                 raise SafetensorsError(f"{path}: unreadable safetensors header ({e})") from None
+        if not isinstance(header, dict):
+            raise SafetensorsError(f"{path}: the header is not a JSON object")
         data_start = 8 + length
         for name, entry in header.items():
             if name == "__metadata__":
                 continue
-            if entry["dtype"] not in DTYPES:
+            dtype, shape, (begin, end) = _entry(path, name, entry)
+            expected = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+            if not 0 <= begin <= end or end - begin != expected:
                 raise SafetensorsError(
-                    f"{path}: tensor {name} has unsupported dtype {entry['dtype']}"
+                    f"{path}: tensor {name}: data_offsets [{begin}, {end}] do not hold "
+                    f"{list(shape)} x {DTYPE_NAMES[dtype]} ({expected} bytes)"
                 )
-            begin, end = entry["data_offsets"]
-            self._infos[name] = TensorInfo(path, DTYPES[entry["dtype"]], tuple(entry["shape"]))
+            if data_start + end > size:
+                raise SafetensorsError(
+                    f"{path}: tensor {name} ends at byte {data_start + end}, past the end of "
+                    f"the file ({size} bytes): the file is truncated"
+                )
+            self._infos[name] = TensorInfo(path, dtype, shape)
             self._offsets[name] = (data_start + begin, data_start + end)
 
     def __contains__(self, name: str) -> bool:
@@ -99,6 +116,22 @@ class SafetensorsReader:
             return np.zeros(info.shape, info.dtype)
         mapped = np.memmap(info.path, dtype=np.uint8, mode="r", offset=begin, shape=(end - begin,))
         return mapped.view(info.dtype).reshape(info.shape)
+
+
+def _entry(path: str, name: str, entry) -> tuple[np.dtype, tuple[int, ...], tuple[int, int]]:
+    """(dtype, shape, offsets) of one header entry, each checked for its type."""
+    try:
+        dtype_name, shape, offsets = entry["dtype"], entry["shape"], entry["data_offsets"]
+    except (KeyError, TypeError):
+        raise SafetensorsError(
+            f"{path}: tensor {name}: header entry needs dtype, shape and data_offsets"
+        ) from None
+    if dtype_name not in DTYPES:
+        raise SafetensorsError(f"{path}: tensor {name} has unsupported dtype {dtype_name}")
+    integers = isinstance(shape, list) and isinstance(offsets, list) and len(offsets) == 2
+    if not integers or not all(type(v) is int and v >= 0 for v in [*shape, *offsets]):
+        raise SafetensorsError(f"{path}: tensor {name}: malformed shape or data_offsets")
+    return DTYPES[dtype_name], tuple(shape), (offsets[0], offsets[1])
 
 
 @dataclass(frozen=True)
