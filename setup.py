@@ -32,7 +32,16 @@ setup(
         "tensorboardX",
     ],
     extras_require={
-        "test": ["pytest", "ruff", "import-linter", "sentencepiece", "mistral-common", "protobuf"],
+        "test": [
+            "pytest",
+            "ruff",
+            "import-linter",
+            "sentencepiece",
+            "mistral-common",
+            "protobuf",
+            "tensorflow-datasets",
+            "array_record",
+        ],
         "torch": ["torch==2.13.0"],
         "tfds": ["tensorflow-datasets", "array_record"],
         "wandb": ["wandb"],

@@ -22,13 +22,22 @@ from pathlib import Path
 from typing import Annotated, Any, ClassVar, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 
-from sacpo_jax.data.adapters import ADAPTERS, PAIR, PKU_TEMPLATE, SCORE_PAIR, SFT, UNPAIRED
+from sacpo_jax.data.adapters import ADAPTERS, PAIR, SCORE_PAIR, SFT, UNPAIRED
 from sacpo_jax.data.spec import DataSpec, SourceSpec
 from sacpo_jax.data.tokenize import BUNDLED_TOKENIZER
 from sacpo_jax.errors import SacpoError
 from sacpo_jax.losses import PAIR_LOSSES
+from sacpo_jax.models.formats import detect
 from sacpo_jax.models.hf import is_hub_id
 
 INITIAL = "initial"
@@ -66,10 +75,14 @@ class RandomModelConfig(Strict):
 
 
 class ModelConfig(Strict):
-    """Where the first model comes from: ``path`` (an HF directory or a hub id
-    "owner/name", fetched as safetensors) or ``random``."""
+    """Where the first model comes from: ``path`` (a model directory or hub id "owner/name",
+    in any format of ``sacpo_jax.models.formats``) or ``random``. ``format`` forces the
+    format (default: told from the files); ``llama_config`` is the architecture of formats
+    that store none (EasyLM, MaxText): a config.json path or an EasyLM name ("7b")."""
 
+    format: Literal["auto", "safetensors", "flax_msgpack", "easylm", "maxtext"] = "auto"
     path: str | None = None
+    llama_config: str | None = None
     random: RandomModelConfig | None = None
     dtype: Literal["float32", "bfloat16"] | None = None
     compute_dtype: Literal["float32", "bfloat16"] | None = None
@@ -78,11 +91,9 @@ class ModelConfig(Strict):
 
     @field_validator("path")
     @classmethod
-    def _exists(cls, path: str | None) -> str | None:
-        if path is None or is_hub_id(path):
-            return path
-        if not os.path.isfile(os.path.join(path, "config.json")):
-            raise ValueError(f"no Hugging Face model at {path} (config.json not found)")
+    def _exists(cls, path: str | None, info: ValidationInfo) -> str | None:
+        if path is not None and not is_hub_id(path):
+            detect(path, info.data.get("format"))
         return path
 
     @model_validator(mode="after")
@@ -130,6 +141,7 @@ class TrainConfig(Strict):
     save_every: int = Field(100, gt=0)
     keep_checkpoints: int = Field(2, gt=0)
     eval_batch_size: int | None = Field(None, gt=0)
+    export_msgpack: bool = False  # also write flax_model.msgpack (transformers 4.x Flax)
 
 
 # ----------------------------------------------------------------------------- stages
@@ -347,14 +359,19 @@ class MergeStage(StageBase):
 
 
 class EvalSettings(Strict):
-    """Generation and rating settings of an evaluation (the paper: greedy, 512 tokens)."""
+    """Generation and rating settings of an evaluation (the paper: greedy, 512 tokens).
 
-    template: str | None = PKU_TEMPLATE
+    ``template`` "auto": the tokenizer's chat template if it has one, else the PKU
+    template; ``stop`` "auto": EOS ids only under the chat template, else the paper's
+    stop strings (sacpo_jax.data.prompts, sacpo_jax.generate.resolve_stop).
+    """
+
+    template: str | None = "auto"
     max_new_tokens: int = Field(512, gt=0)
     temperature: float = Field(0.0, ge=0)
     top_p: float = Field(1.0, gt=0, le=1)
     seed: int = 0
-    stop: str | list[str] | None = "sacpo"
+    stop: str | list[str] | None = "auto"
     elo_trials: int = Field(50, gt=0)
 
 
@@ -424,8 +441,8 @@ class CaidSampling(Strict):
     temperature: float = Field(1.0, gt=0)
     top_p: float = Field(0.9, gt=0, le=1)
     max_new_tokens: int = Field(512, gt=0)
-    template: str | None = PKU_TEMPLATE
-    stop: str | list[str] | None = "sacpo"
+    template: str | None = "auto"  # as EvalSettings.template
+    stop: str | list[str] | None = "auto"  # as EvalSettings.stop
     batch_size: int = Field(64, gt=0)
 
 
@@ -561,10 +578,10 @@ def _check_sources(stages: list[StageBase]) -> None:
     available = {INITIAL}
     for stage in stages:
         for source in stage.sources():
-            if source not in available and not os.path.isdir(source) and not is_hub_id(source):
+            if source not in available and not os.path.exists(source) and not is_hub_id(source):
                 raise ValueError(
                     f"stage '{stage.name}' names '{source}', which is neither an earlier stage, "
-                    "a model directory nor a hub id"
+                    "a model directory or file nor a hub id"
                 )
         if isinstance(stage, EvaluateStage) and stage.baseline not in (None, *stage.models):
             raise ValueError(

@@ -15,7 +15,6 @@ import sys
 from sacpo_jax import parallel
 from sacpo_jax.api import load_model
 from sacpo_jax.config import EvalSettings
-from sacpo_jax.data.adapters import PKU_TEMPLATE
 from sacpo_jax.data.prompts import read_prompts
 from sacpo_jax.data.spec import SourceSpec
 from sacpo_jax.data.tokenize import load_tokenizer
@@ -37,7 +36,12 @@ def parse_args(argv):
     parser.add_argument(
         "--tokenizer", help="tokenizer dir (default: the first model's), or bundled:oracle"
     )
-    parser.add_argument("--template", default=PKU_TEMPLATE)
+    parser.add_argument(
+        "--template",
+        default="auto",
+        help="'{prompt}' template, 'chat', or 'auto' (default: chat template if the "
+        "tokenizer has one, else the PKU template)",
+    )
     parser.add_argument("--max-new-tokens", type=int, default=512)
     parser.add_argument("--reward-model")
     parser.add_argument("--cost-model")

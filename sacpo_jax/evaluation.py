@@ -24,7 +24,6 @@ from jax.sharding import Mesh
 
 from sacpo_jax import eval_metrics, plots
 from sacpo_jax.config import EvalSettings
-from sacpo_jax.data.tokenize import apply_template
 from sacpo_jax.errors import SacpoError
 from sacpo_jax.generate import generate
 from sacpo_jax.models.llama import Llama
@@ -38,15 +37,15 @@ class EvaluationError(SacpoError, ValueError):
 def generate_responses(
     model: Llama, tokenizer, prompts: list[str], settings: EvalSettings, mesh: Mesh | None
 ) -> list[str]:
-    texts = [apply_template(settings.template, p) for p in prompts]
     return generate(
         model,
         tokenizer,
-        texts,
+        prompts,
         max_new_tokens=settings.max_new_tokens,
         temperature=settings.temperature,
         top_p=settings.top_p,
         seed=settings.seed,
+        template=settings.template,
         stop=settings.stop,
         mesh=mesh,
     )

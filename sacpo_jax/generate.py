@@ -33,6 +33,8 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from sacpo_jax import parallel
+from sacpo_jax.data.prompts import AUTO, CHAT, resolve_template
+from sacpo_jax.data.tokenize import default_bos_id, encode_prompt
 from sacpo_jax.errors import SacpoError
 from sacpo_jax.models.llama import Llama, positions_from_mask, rms_norm, run_layers
 
@@ -76,14 +78,17 @@ class GeneratedTokens(NamedTuple):
 # ----------------------------------------------------------------------------- stop strings
 
 
-def resolve_stop(stop: str | Sequence[str] | None) -> tuple[str, ...]:
-    """Stop strings from a preset name ("sacpo"), a list of strings, or None (none)."""
+def resolve_stop(stop: str | Sequence[str] | None, template: str | None = None) -> tuple[str, ...]:
+    """Stop strings from a preset name ("sacpo"), a list of strings, None (none) or "auto":
+    none under the chat template (the model ends its turn with an EOS id), else "sacpo"."""
     if stop is None:
         return ()
+    if stop == AUTO:
+        return () if template == CHAT else SACPO_STOP_STRINGS
     if isinstance(stop, str):
         if stop not in STOP_PRESETS:
             raise GenerationError(
-                f"unknown stop preset {stop!r}; presets: {', '.join(STOP_PRESETS)} "
+                f"unknown stop preset {stop!r}; presets: {', '.join(STOP_PRESETS)}, auto "
                 "(or pass a list of strings)"
             )
         return STOP_PRESETS[stop]
@@ -478,17 +483,29 @@ def left_pad(
     return ids, mask
 
 
-def tokenize_prompts(tokenizer: Any, prompts: Sequence[str]) -> list[list[int]]:
-    """Token ids of each prompt with the tokenizer's own special tokens (e.g. BOS)."""
+def tokenize_prompts(
+    tokenizer: Any, prompts: Sequence[str], template: str | None = None
+) -> list[list[int]]:
+    """Token ids of each prompt under ``template``, exactly as training and scoring
+    tokenise prompts (`encode_prompt`: one BOS, never two)."""
+    bos_id = default_bos_id(tokenizer)
     encoded = []
     for index, prompt in enumerate(prompts):
         if not isinstance(prompt, str):
             raise GenerationError(f"prompt {index}: expected a string, got {type(prompt).__name__}")
-        ids = list(tokenizer(prompt, add_special_tokens=True).input_ids)
+        ids = encode_prompt(tokenizer, prompt, template, bos_id=bos_id)
         if not ids:
             raise GenerationError(f"prompt {index}: tokenises to no tokens (empty prompt?)")
         encoded.append(ids)
     return encoded
+
+
+def eos_token_ids(model: Llama, tokenizer: Any) -> list[int]:
+    """Ids that end a row: the tokenizer's EOS and every ``eos_token_id`` of the model's
+    generation_config.json (chat models list their end-of-turn there)."""
+    listed = model.config.generation_config.get("eos_token_id")
+    ids = [tokenizer.eos_token_id] + list(np.atleast_1d(listed if listed is not None else []))
+    return sorted({int(i) for i in ids if i is not None})
 
 
 def row_bucket(rows: int, batch_size: int, mesh: Mesh | None) -> int:
@@ -511,23 +528,28 @@ def generate(
     top_p: float = 1.0,
     top_k: int = 0,
     seed: int = 0,
+    template: str | None = None,
     stop: str | Sequence[str] | None = None,
     batch_size: int = 32,
     mesh: Mesh | None = None,
 ) -> list[str]:
-    """Completions of ``prompts`` (templates already applied), in order.
+    """Completions of ``prompts`` under ``template`` (`sacpo_jax.data.prompts`: None for
+    prompts as they are, a ``{prompt}`` string, "chat" or "auto"), in order.
 
     Prompts are sorted by length, cut into batches of at most ``batch_size``, left-padded
     to a power-of-two length (>= 16) and a power-of-two row count (filled with copies
-    whose output is dropped). A row stops at EOS or at a stop string's tokens
-    (``stop_token_sequences``); each completion is decoded with special tokens skipped
-    and cut before the first stop string; ``stop="sacpo"`` is the paper's list.
+    whose output is dropped). A row stops at any EOS id (`eos_token_ids`) or at a stop
+    string's tokens (``stop_token_sequences``); each completion is decoded with special
+    tokens skipped and cut before the first stop string; ``stop="sacpo"`` is the paper's
+    list, ``stop="auto"`` none under the chat template and the paper's list otherwise.
     """
     check_sampling(max_new_tokens, temperature, top_p, top_k)
-    stop_strings = resolve_stop(stop)
+    template = resolve_template(tokenizer, template)
+    stop_strings = resolve_stop(stop, template)
     if batch_size < 1:
         raise GenerationError(f"batch_size must be >= 1, got {batch_size}")
-    encoded = tokenize_prompts(tokenizer, prompts)
+    encoded = tokenize_prompts(tokenizer, prompts, template)
+    eos_ids = eos_token_ids(model, tokenizer)
     stop_sequences = stop_token_sequences(tokenizer, stop_strings)
     pad_id = tokenizer.pad_token_id
     if pad_id is None:
@@ -548,7 +570,7 @@ def generate(
             top_p=top_p,
             top_k=top_k,
             rng=jax.random.key(seed),
-            eos_id=tokenizer.eos_token_id,
+            eos_id=eos_ids or None,
             pad_id=pad_id,
             stop_sequences=stop_sequences,
             row_ids=np.asarray(rows),

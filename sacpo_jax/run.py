@@ -47,7 +47,13 @@ def initial_model(config: RunConfig, mesh, tokenizer) -> Llama:
     options = dict(remat=m.remat, scan_layers=m.scan_layers)
     if m.path is not None:
         return hf.load_checkpoint(
-            m.path, dtype=m.dtype, mesh=mesh, compute_dtype=m.compute_dtype, **options
+            m.path,
+            dtype=m.dtype,
+            mesh=mesh,
+            compute_dtype=m.compute_dtype,
+            format=m.format,
+            llama_config=m.llama_config,
+            **options,
         )
     r = m.random
     dtype = m.dtype or "float32"

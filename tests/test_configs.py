@@ -2,9 +2,12 @@
 
 from pathlib import Path
 
+import jax
+import jax.numpy as jnp
 import pytest
 
 from sacpo_jax.config import expand_stages, load_config
+from sacpo_jax.training.optim import make_optimizer
 
 CONFIGS = sorted(Path(__file__).resolve().parent.parent.joinpath("configs").glob("*.yaml"))
 
@@ -16,7 +19,14 @@ def test_config_validates(path):
     expand_stages(config.stages)  # starts and sweeps resolve
 
 
-@pytest.mark.parametrize("name", ["sacpo_pku_7b_gpu.yaml", "sacpo_pku_7b_tpu.yaml"])
+PAPER_RECIPES = [
+    "sacpo_pku_7b_gpu.yaml",
+    "sacpo_pku_7b_tpu.yaml",
+    "sacpo_pku_7b_gpu_official_numerics.yaml",
+]
+
+
+@pytest.mark.parametrize("name", PAPER_RECIPES)
 def test_sacpo_paper_recipe(name):
     path = Path(__file__).resolve().parent.parent / "configs" / name
     config = load_config(str(path))
@@ -43,3 +53,28 @@ def test_evaluated_models_exist_in_the_chain():
             if stage.kind == "evaluate":
                 assert set(stage.models) <= known, (path.name, set(stage.models) - known)
                 assert stage.baseline is None or stage.baseline in stage.models
+
+
+def adam_moment_dtypes(config, stage) -> set:
+    """dtypes of Adam's moments that a stage's optimiser creates for the run's parameters."""
+    params = {"w": jnp.zeros((4, 4), config.model.dtype)}
+    state = make_optimizer(10, moments_dtype=stage.train.adam_dtype).init(params)
+    adam = next(s for s in jax.tree.leaves(state, is_leaf=lambda s: hasattr(s, "mu")))
+    return {adam.mu["w"].dtype, adam.nu["w"].dtype}
+
+
+def test_official_numerics_variant_is_pure_bf16_and_otherwise_the_recipe():
+    """The official SACPO runs had bf16 weights and bf16 Adam state; our recipe keeps
+    float32 for both. The variant differs from the recipe in nothing else."""
+    configs = Path(__file__).resolve().parent.parent / "configs"
+    ours = load_config(str(configs / "sacpo_pku_7b_gpu.yaml"))
+    official = load_config(str(configs / "sacpo_pku_7b_gpu_official_numerics.yaml"))
+    assert (official.model.dtype, official.model.compute_dtype) == ("bfloat16", "bfloat16")
+    assert ours.model.dtype == "float32"
+    for config, dtype in ((official, jnp.bfloat16), (ours, jnp.float32)):
+        for stage in config.stages:
+            if getattr(stage, "train", None) is not None:
+                assert adam_moment_dtypes(config, stage) == {jnp.dtype(dtype)}, stage.name
+    differing = {"name", "model"}
+    assert official.model.model_dump(exclude={"dtype"}) == ours.model.model_dump(exclude={"dtype"})
+    assert official.model_dump(exclude=differing) == ours.model_dump(exclude=differing)

@@ -43,6 +43,32 @@ def synthetic(prompts, samples, constraints, seed=0):
     return r, g
 
 
+def beaver_scale(constraints, seed=0, prompts=100, samples=64):
+    """Scores in beaver reward/cost-model units (magnitudes ~5-20): costs rise with the
+    reward, so the safety constraint binds when the policy tilts towards reward."""
+    rng = np.random.default_rng(seed)
+    r = 10 + 4 * rng.normal(size=(prompts, 1)) + 5 * rng.normal(size=(prompts, samples))
+    noise = 8 * rng.normal(size=(prompts, samples, constraints))
+    cost = 0.8 * (r - 10)[..., None] + noise + 2
+    return r, -cost
+
+
+@pytest.mark.parametrize("constraints, b", [(1, [5.0]), (2, [5.0, 3.0])])
+@pytest.mark.parametrize("lam_init, lr", [(1.0, 2.0), (0.0, 2.0), (10.0, 50.0)])
+def test_pgd_converges_at_beaver_scale(constraints, b, lam_init, lr):
+    """beta 0.1 on rewards/costs of ~10: D'' ~ Var/beta is in the hundreds, so a fixed
+    step of 2 oscillates; the backtracking step converges to the exact minimiser within
+    the default 200 iterations from any start and initial step."""
+    r, g = beaver_scale(constraints)
+    exact = solve_dual(r, g, b, 0.1, method="exact", tol=1e-10)
+    assert np.all(exact.lam > 0.1)  # every constraint binds
+    solution = solve_dual(r, g, b, 0.1, method="pgd", lam_init=lam_init, lr=lr)
+    assert solution.converged and solution.iterations < 200
+    np.testing.assert_allclose(solution.lam, exact.lam, atol=1e-5)
+    assert np.max(np.abs(solution.gradient)) <= 1e-5
+    assert solution.value == pytest.approx(exact.value, abs=1e-9)
+
+
 def test_relative_margins_by_hand():
     g = np.array([[[1.0, 0.0], [3.0, 4.0]]])  # one prompt, two samples, two constraints
     h = constraint_margins(g, [0.5, 1.0])

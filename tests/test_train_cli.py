@@ -247,7 +247,7 @@ CONFIG_ERRORS = [
     ),
     (
         ["model={path: /nonexistent/model}"],
-        "model.path: no Hugging Face model at /nonexistent/model (config.json not found)",
+        "model.path: /nonexistent/model: no such model directory",
     ),
 ]
 

@@ -48,7 +48,6 @@ from sacpo_jax.algorithms.pseudo_labels import (
 from sacpo_jax.config import ORACLE, CaidStage
 from sacpo_jax.data.pipeline import build_dataset
 from sacpo_jax.data.prompts import read_prompts
-from sacpo_jax.data.tokenize import apply_template
 from sacpo_jax.generate import generate
 from sacpo_jax.models import hf
 from sacpo_jax.models.llama import Llama
@@ -266,7 +265,12 @@ class CaidRun:
                 break
             lam = dual_update(history[t]["lambda"], history[t]["u"], self.stage.dual_lr)
             state = self.policy_step(t, lam, state, first_step if t == first else 0, history)
-            hf.save_checkpoint(self.policy(state), self.iterate_dir(t + 1), self.ctx.tokenizer)
+            hf.save_checkpoint(
+                self.policy(state),
+                self.iterate_dir(t + 1),
+                self.ctx.tokenizer,
+                msgpack=self.stage.train.export_msgpack,
+            )
             step = (t + 1) * self.steps_per_iteration
             meta = {"iteration": t + 1, "local_step": 0, "history": history}
             self.checkpointer.save(step, state.saved(), meta, force=True)
@@ -309,11 +313,12 @@ class CaidRun:
         responses = generate(
             policy,
             self.ctx.tokenizer,
-            [apply_template(s.template, p) for p in prompts],
+            prompts,
             max_new_tokens=s.max_new_tokens,
             temperature=s.temperature,
             top_p=s.top_p,
             seed=round_seed(self.ctx.seed, t, 0),
+            template=s.template,
             stop=s.stop,
             batch_size=s.batch_size,
             mesh=self.ctx.mesh,
@@ -439,4 +444,5 @@ class CaidRun:
             if best > 0:
                 os.symlink(os.path.join(ITERATES_DIR, str(best)), path)
         if best == 0:
-            hf.save_checkpoint(self.reference, path, self.ctx.tokenizer)
+            msgpack = self.stage.train.export_msgpack
+            hf.save_checkpoint(self.reference, path, self.ctx.tokenizer, msgpack=msgpack)

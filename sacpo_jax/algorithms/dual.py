@@ -16,8 +16,8 @@ D is convex. The policy that attains it tilts the reference samples,
     grad D(lam) = mean_x sum_k w[x, k] * h[x, k]
 
 is that tilted policy's expected margin: negative entries are violated constraints.
-``solve_dual`` minimises D over lam >= 0, by projected gradient descent (the MoCAN
-code's method) or by an exact convex solver. All arithmetic is float64.
+``solve_dual`` minimises D over lam >= 0, by projected gradient descent with a
+backtracking step or by an exact convex solver. All arithmetic is float64.
 """
 
 from __future__ import annotations
@@ -35,6 +35,10 @@ LAMBDA_CEILING = 1e8
 """A multiplier this large means the constraint cannot be met on the samples."""
 
 
+ROUNDING = 1e-12
+"""Relative slack of pgd's sufficient-decrease test, for float64 rounding in D."""
+
+
 class DualInputError(SacpoError, ValueError):
     """Raised when scores, thresholds or settings have the wrong shape or value."""
 
@@ -48,7 +52,7 @@ class DualSolution:
     """The dual minimiser and what the solver knows about it.
 
     ``gradient`` is the tilted policy's expected margin E[h] at ``lam`` (one entry per
-    constraint); ``iterations`` counts gradient steps (pgd) or solver iterations (exact).
+    constraint); ``iterations`` counts accepted steps (pgd) or solver iterations (exact).
     """
 
     lam: np.ndarray
@@ -137,14 +141,23 @@ def _check_scores(r: np.ndarray, h: np.ndarray, beta: float) -> np.ndarray:
 
 
 def _solve_pgd(r, h, beta, lam_init, lr, max_iters, tol) -> tuple[np.ndarray, int, bool]:
-    """``lam <- max(lam - lr * grad D(lam), 0)`` until a step moves lam by <= tol."""
-    lam = np.full(h.shape[-1], float(lam_init))
+    """Projected gradient descent with a backtracking step (see `solve_dual`)."""
+    lam, step = np.full(h.shape[-1], float(lam_init)), float(lr)
+    value, gradient = dual_value(lam, r, h, beta), dual_gradient(lam, r, h, beta)
     for iteration in range(1, max_iters + 1):
-        updated = np.maximum(lam - lr * dual_gradient(lam, r, h, beta), 0.0)
-        step = np.max(np.abs(updated - lam))
-        lam = updated
-        if step <= tol:
+        while True:
+            candidate = np.maximum(lam - step * gradient, 0.0)
+            move = candidate - lam
+            bound = value + gradient @ move + move @ move / (2.0 * step)
+            candidate_value = dual_value(candidate, r, h, beta)
+            if candidate_value <= bound + ROUNDING * abs(value):
+                break
+            step /= 2.0
+        lam, value = candidate, candidate_value
+        gradient = dual_gradient(lam, r, h, beta)
+        if np.max(np.abs(lam - np.maximum(lam - gradient, 0.0))) <= tol:
             return lam, iteration, True
+        step *= 2.0
     return lam, max_iters, False
 
 
@@ -204,11 +217,19 @@ def solve_dual(
 
     r: rewards (X, K). g: utilities (X, K) or (X, K, M). b: thresholds (scalar or (M,)),
     relative to the reference mean unless ``relative=False`` (see ``constraint_margins``).
-    method: "pgd" runs ``lam <- max(lam - lr * grad, 0)`` from ``lam_init`` for at most
-    ``max_iters`` steps, stopping when a step moves lam by <= ``tol`` (MoCAN defaults:
-    lam_init 1, lr 2, 200 steps, tol 1e-5). "exact" (= "auto") uses Brent's method on the
-    monotone derivative for one constraint (bracket width ``tol``) and L-BFGS-B with
-    bounds ``lam >= 0`` for several (projected gradient ``tol``).
+    method: "pgd" is projected gradient descent with a backtracking step, our rule (the
+    one-shot code's own step rule, which doubles the step and restarts, is not
+    reproduced): from ``lam_init`` and step ``t = lr``, each iteration takes
+    ``lam' = max(lam - t * grad, 0)``, halving t until the sufficient-decrease condition
+    ``D(lam') <= D(lam) + grad . (lam' - lam) + |lam' - lam|^2 / (2 t)`` holds, then
+    doubles t for the next iteration; it stops when the projected gradient
+    ``lam - max(lam - grad, 0)`` has no entry above ``tol`` or after ``max_iters``
+    iterations. Each step decreases D, so it converges for any lr, including at scales
+    (rewards ~10, beta 0.1) where a fixed step lr = 2 oscillates. The defaults are the
+    one-shot code's settings (lam_init 1, lr 2, 200 iterations, tol 1e-5).
+    "exact" (= "auto") uses Brent's method on the monotone derivative for one constraint
+    (bracket width ``tol``) and L-BFGS-B with bounds ``lam >= 0`` for several (projected
+    gradient ``tol``).
     Raises InfeasibleConstraintError when no multiplier meets the constraints.
     """
     h = constraint_margins(g, b, relative=relative)

@@ -16,7 +16,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from sacpo_jax.errors import SacpoError
-from sacpo_jax.models.llama import Llama
+from sacpo_jax.models.llama import Llama, LlamaConfig
 
 
 class MergeError(SacpoError, ValueError):
@@ -38,14 +38,19 @@ def merge_models(models: Sequence[Llama], weights: Sequence[float]) -> Llama:
         )
     if abs(sum(weights) - 1.0) > 1e-6:
         raise MergeError(f"merge weights must sum to 1, got {list(weights)} (sum {sum(weights)})")
-    first = models[0].config
+    first = _architecture(models[0].config)
     for model in models[1:]:
-        if model.config.replace(hf_extra_json="{}") != first.replace(hf_extra_json="{}"):
+        if _architecture(model.config) != first:
             raise MergeError("models to merge must share one architecture and execution config")
     graphdef, _ = nnx.split(models[0])
     trees = [nnx.to_pure_dict(nnx.state(m, nnx.Param)) for m in models]
     merged = _combine(trees, jnp.asarray(weights, jnp.float32))
     return nnx.merge(graphdef, merged)
+
+
+def _architecture(config: LlamaConfig) -> LlamaConfig:
+    """The config without the exported-only HF fields (extra config, generation config)."""
+    return config.replace(hf_extra_json="{}", generation_config_json="{}")
 
 
 @jax.jit

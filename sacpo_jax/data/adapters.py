@@ -29,6 +29,10 @@ Layouts (field names; ``DataSpec.columns`` can rename them):
 - ``chat_pair``: {chosen: [messages], rejected: [messages]} whole
   conversations sharing their leading messages (the prompt), or
   {prompt: [messages], chosen: [messages], rejected: [messages]}.
+  Chat adapters are *conversational* (TRL's convention): the prompt is the rendered
+  prompt messages with the generation prompt, a completion is what the rendered whole
+  conversation adds to it (the template's end of turn included, e.g. ``<|im_end|>\n``
+  or ``<|eot_id|>``), and tokenisation adds neither BOS nor EOS to the template's text.
 - ``scored_pair``: two responses with per-response scores, for
   pseudo-labelling: {prompt, response_0, response_1, scores_0: {name: float},
   scores_1: {name: float}}, or flat columns ``<name>_0``, ``<name>_1`` for each
@@ -47,8 +51,8 @@ from typing import Any
 
 from sacpo_jax.data import errors
 from sacpo_jax.data.errors import BadRow
+from sacpo_jax.data.prompts import PKU_TEMPLATE, chat_conversation, chat_prompt
 
-PKU_TEMPLATE = "BEGINNING OF CONVERSATION: USER: {prompt} ASSISTANT:"
 HH_ASSISTANT = "\n\nAssistant:"
 
 # Kinds of examples, and so of batches.
@@ -78,12 +82,16 @@ class AdapterContext:
 
 @dataclass(frozen=True)
 class Adapter:
-    """A row layout: the kind of examples it makes, its default template, its converter."""
+    """A row layout: the kind of examples it makes, its default template, its converter.
+
+    ``conversational``: examples are texts rendered by the tokenizer's chat template
+    (which the tokenizer must have), tokenised as the template renders them.
+    """
 
     kind: str
     convert: Callable[[Mapping[str, Any], AdapterContext], list[Example]]
     default_template: str | None = None
-    needs_chat_template: bool = False
+    conversational: bool = False
 
 
 # ---------------------------------------------------------------- field readers
@@ -286,10 +294,8 @@ def _render_split(tokenizer, prompt_messages, messages, name: str) -> tuple[str,
         "assistant"
     ):
         raise BadRow(name, errors.MALFORMED, "the completion must start with an assistant message")
-    prompt = tokenizer.apply_chat_template(
-        prompt_messages, tokenize=False, add_generation_prompt=True
-    )
-    full = tokenizer.apply_chat_template(messages, tokenize=False)
+    prompt = chat_prompt(tokenizer, prompt_messages)
+    full = chat_conversation(tokenizer, messages)
     if not full.startswith(prompt):
         raise BadRow(name, errors.MALFORMED, "the chat template does not extend the prompt")
     completion = full[len(prompt) :]
@@ -331,7 +337,7 @@ ADAPTERS: dict[str, Adapter] = {
     "pair": Adapter(PAIR, _pair),
     "unpaired": Adapter(UNPAIRED, _unpaired),
     "sft": Adapter(SFT, _sft),
-    "chat_sft": Adapter(SFT, _chat_sft, needs_chat_template=True),
-    "chat_pair": Adapter(PAIR, _chat_pair, needs_chat_template=True),
+    "chat_sft": Adapter(SFT, _chat_sft, conversational=True),
+    "chat_pair": Adapter(PAIR, _chat_pair, conversational=True),
     "scored_pair": Adapter(PAIR, _scored_pair),
 }

@@ -9,6 +9,7 @@ in the skip report (``on_bad_row: skip``).
 
 from __future__ import annotations
 
+import functools
 import itertools
 from collections import Counter
 from pathlib import Path
@@ -19,6 +20,7 @@ from sacpo_jax.data import cache, errors
 from sacpo_jax.data.adapters import ADAPTERS, AdapterContext, Example
 from sacpo_jax.data.dataset import Ragged, TokenizedDataset
 from sacpo_jax.data.errors import BadRow, DataError
+from sacpo_jax.data.prompts import has_chat_template
 from sacpo_jax.data.sources import read_rows, source_fingerprint, source_label
 from sacpo_jax.data.spec import DataSpec
 from sacpo_jax.data.tokenize import (
@@ -28,7 +30,7 @@ from sacpo_jax.data.tokenize import (
     truncate,
 )
 
-_PIPELINE_VERSION = 1
+_PIPELINE_VERSION = 2  # 2: conversational completions get no EOS
 
 Encoded = tuple[list[int], list[list[int]], dict[str, float | int]]
 
@@ -49,7 +51,7 @@ def build_dataset(
     """
     label = source_label(spec.source)
     adapter = ADAPTERS[spec.adapter]
-    if adapter.needs_chat_template and not getattr(tokenizer, "chat_template", None):
+    if adapter.conversational and not has_chat_template(tokenizer):
         raise DataError(label, f"adapter '{spec.adapter}' needs a tokenizer with a chat template")
     key = None
     if cache_dir is not None:
@@ -80,12 +82,20 @@ def _tokenize_source(
     score_names = tuple(spec.score_names) if spec.score_names is not None else None
     context = AdapterContext(spec.columns, score_names, tokenizer)
     template, bos_id = resolved_template(spec), default_bos_id(tokenizer)
+    encode = functools.partial(
+        _encode,
+        tokenizer=tokenizer,
+        template=template,
+        bos_id=bos_id,
+        spec=spec,
+        conversational=adapter.conversational,
+    )
     encoded: list[Encoded] = []
     report: Counter[str] = Counter()
     for index, row in enumerate(itertools.islice(read_rows(spec.source), spec.limit)):
         try:
             examples = adapter.convert(row, context)
-            row_encoded = [_encode(ex, tokenizer, template, bos_id, spec) for ex in examples]
+            row_encoded = [encode(example) for example in examples]
             _check_columns(encoded[0][2] if encoded else None, row_encoded)
         except BadRow as bad:
             if spec.on_bad_row == "error":
@@ -101,10 +111,21 @@ def _tokenize_source(
 
 
 def _encode(
-    example: Example, tokenizer, template: str | None, bos_id: int | None, spec: DataSpec
+    example: Example,
+    *,
+    tokenizer,
+    template: str | None,
+    bos_id: int | None,
+    spec: DataSpec,
+    conversational: bool,
 ) -> Encoded:
     prompt_ids, completion_ids = tokenize_prompt_completions(
-        tokenizer, example.prompt, example.completions, template, bos_id=bos_id
+        tokenizer,
+        example.prompt,
+        example.completions,
+        template,
+        bos_id=bos_id,
+        conversational=conversational,
     )
     prompt_ids, completion_ids = truncate(
         prompt_ids,

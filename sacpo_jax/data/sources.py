@@ -59,8 +59,8 @@ def read_rows(spec: SourceSpec) -> Iterator[dict[str, Any]]:
     elif spec.type == "hub":
         yield from _load_hub(spec)
     elif spec.type == "tfds":
-        for element in _tfds_source(spec, label):
-            yield _to_python(element)
+        for row, element in enumerate(_tfds_source(spec, label)):
+            yield _tfds_row(element, label, row)
     elif spec.type == "bundled":
         yield from _bundled_rows(spec, label)
 
@@ -161,6 +161,18 @@ def _tfds_source(spec: SourceSpec, label: str):
         return tfds.data_source(spec.name, split=spec.split, data_dir=spec.data_dir)
     except Exception as err:  # noqa: BLE001 - any loading failure is a one-line data error
         raise DataError(label, f"cannot open TFDS source: {type(err).__name__}: {err}") from None
+
+
+def _tfds_row(element: dict[str, Any], label: str, row: int) -> dict[str, Any]:
+    """A TFDS element (numpy values, text as bytes) as plain Python values."""
+    out = {}
+    for name, value in element.items():
+        try:
+            out[name] = _to_python(value)
+        except UnicodeDecodeError as err:
+            problem = f"bytes that are not UTF-8 text ({err.reason})"
+            raise DataError(label, problem, row=row, field=name) from None
+    return out
 
 
 def _bundled_rows(spec: SourceSpec, label: str) -> list[dict[str, Any]]:

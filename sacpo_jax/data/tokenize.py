@@ -1,14 +1,18 @@
 """Tokenisation with TRL's conventions: completion masks, boundary merges, truncation, packing.
 
-- The prompt text is ``template`` with every ``{prompt}`` replaced by the prompt.
+- The prompt text is the prompt under its template (`sacpo_jax.data.prompts`:
+  ``{prompt}`` strings, or the tokenizer's chat template).
 - Token ids come from ``tokenizer(text, add_special_tokens=False)``; BOS is
   prepended by us when the tokenizer adds one by default (and the text does
-  not already start with it, as chat templates often do).
+  not already start with it, as chat templates often do). `encode_prompt` is
+  that rule; training, scoring and generation all tokenise prompts with it.
 - The completion is the suffix of tokenize(prompt_text + completion) after its
   longest common prefix with tokenize(prompt_text). SentencePiece and BPE can
   merge tokens across the boundary; the merged token then belongs to the
   completion, and prompt + completion equals the tokenisation of the whole
-  text. EOS is appended to the completion and scored.
+  text. EOS is appended to a plain-text completion and scored; a conversational
+  completion (rendered by a chat template) ends with the template's own end of
+  turn and gets no EOS (TRL's convention).
 - Log-prob convention for the trainer: ``logits[:, :-1]`` score
   ``input_ids[:, 1:]``, weighted by ``loss_mask[:, 1:]``.
 """
@@ -25,6 +29,7 @@ import numpy as np
 
 from sacpo_jax.data import errors
 from sacpo_jax.data.errors import BadRow
+from sacpo_jax.data.prompts import render_texts
 
 BUNDLED_TOKENIZER = "bundled:oracle"
 
@@ -51,9 +56,15 @@ def default_bos_id(tokenizer) -> int | None:
     return bos if bos is not None and ids[:1] == [bos] else None
 
 
-def apply_template(template: str | None, prompt: str) -> str:
-    """The prompt text: ``template`` with each ``{prompt}`` replaced; the prompt itself if None."""
-    return prompt if template is None else template.replace("{prompt}", prompt)
+def encode_prompt(
+    tokenizer, prompt: str, template: str | None = None, *, bos_id: int | None | str = "detect"
+) -> list[int]:
+    """Token ids of ``prompt`` under ``template``: the prompt ids of
+    `tokenize_prompt_completions` when no token merges across the prompt's end.
+    Generation encodes its prompts with this, so it sees what training and scoring see."""
+    text, _, conversational = render_texts(tokenizer, template, prompt, [])
+    tokens = _encode(tokenizer, text)
+    return _bos_prefix(tokens, _bos(tokenizer, bos_id, conversational)) + tokens
 
 
 def tokenize_prompt_completions(
@@ -63,25 +74,29 @@ def tokenize_prompt_completions(
     template: str | None = None,
     *,
     bos_id: int | None | str = "detect",
+    conversational: bool = False,
 ) -> tuple[list[int], list[list[int]]]:
     """(prompt_ids, [completion_ids]) for completions sharing one prompt.
 
     The shared prompt is the shortest of the per-completion common prefixes,
     so ``prompt_ids + completion_ids[k]`` is the tokenisation of
     prompt_text + completions[k] (after BOS), followed by EOS.
+    Conversational text (``conversational``: texts already rendered by a chat template;
+    or template "chat") is tokenised exactly as the template renders it: no BOS added,
+    no EOS appended, the template's end of turn ends the completion (TRL's convention).
     ``bos_id="detect"`` asks the tokenizer (pass the value of
     `default_bos_id` to tokenise many rows without asking each time).
     """
-    if bos_id == "detect":
-        bos_id = default_bos_id(tokenizer)
-    prompt_text = apply_template(template, prompt)
+    prompt_text, full_texts, rendered_chat = render_texts(tokenizer, template, prompt, completions)
+    conversational = conversational or rendered_chat
     prompt_tokens = _encode(tokenizer, prompt_text)
-    full_tokens = [_encode(tokenizer, prompt_text + completion) for completion in completions]
+    full_tokens = [_encode(tokenizer, text) for text in full_texts]
     shared = min(_common_prefix_length(prompt_tokens, full) for full in full_tokens)
-    needs_bos = bos_id is not None and prompt_tokens[:1] != [bos_id]
-    prompt_ids = ([bos_id] if needs_bos else []) + prompt_tokens[:shared]
-    eos = tokenizer.eos_token_id
-    completion_ids = [_with_eos(full[shared:], eos) for full in full_tokens]
+    bos = _bos(tokenizer, bos_id, conversational)
+    prompt_ids = _bos_prefix(prompt_tokens, bos) + prompt_tokens[:shared]
+    completion_ids = [full[shared:] for full in full_tokens]
+    if not conversational:
+        completion_ids = [_with_eos(ids, tokenizer.eos_token_id) for ids in completion_ids]
     return prompt_ids, completion_ids
 
 
@@ -163,6 +178,17 @@ def tokenizer_fingerprint(tokenizer) -> str:
 
 def _encode(tokenizer, text: str) -> list[int]:
     return list(tokenizer(text, add_special_tokens=False)["input_ids"])
+
+
+def _bos(tokenizer, bos_id: int | None | str, conversational: bool) -> int | None:
+    """The BOS to prepend: none for conversational text, else the given or detected one."""
+    if conversational:
+        return None
+    return default_bos_id(tokenizer) if bos_id == "detect" else bos_id
+
+
+def _bos_prefix(tokens: Sequence[int], bos_id: int | None) -> list[int]:
+    return [bos_id] if bos_id is not None and list(tokens[:1]) != [bos_id] else []
 
 
 def _common_prefix_length(first: Sequence[int], second: Sequence[int]) -> int:

@@ -1,10 +1,13 @@
-"""Hugging Face format <-> our LLaMA parameters, both ways, placed shard by shard.
+"""Hugging Face format <-> our LLaMA parameters, both ways, placed shard by shard; and the
+entry point that imports every supported format (``load_checkpoint``).
 
 Import reads config.json and model.safetensors (or sharded model-*.safetensors with
 model.safetensors.index.json), memory-maps every tensor and builds each parameter with
 ``jax.make_array_from_callback``: every device reads only its own block of the file.
 Export writes config.json, safetensors files (sharded above ``max_shard_bytes``) and the
 tokenizer; ``transformers``' ``LlamaForCausalLM.from_pretrained`` loads the result.
+A source's generation_config.json (EOS ids, pad, sampling defaults) is read on import,
+kept in the config and written back on export.
 
 Supported architectures: LlamaForCausalLM, LlamaForSequenceClassification (score head
 ``score.weight``) and safe-rlhf's LlamaModelForScore (``score_head.weight``).
@@ -13,6 +16,7 @@ Supported architectures: LlamaForCausalLM, LlamaForSequenceClassification (score
 from __future__ import annotations
 
 import glob
+import importlib
 import json
 import os
 import re
@@ -27,7 +31,8 @@ from flax import nnx
 from jax.sharding import Mesh
 
 from sacpo_jax import parallel
-from sacpo_jax.errors import SacpoError
+from sacpo_jax.models import formats
+from sacpo_jax.models.formats import CheckpointError
 from sacpo_jax.models.llama import Llama, LlamaConfig, RopeConfig
 from sacpo_jax.models.safetensors_io import PlannedTensor, SafetensorsReader, write_safetensors
 
@@ -45,8 +50,7 @@ _MODELED_KEYS = {
 }  # fmt: skip
 
 
-class CheckpointError(SacpoError, ValueError):
-    """A checkpoint that cannot be imported; the message is one line naming the problem."""
+GENERATION_CONFIG = "generation_config.json"
 
 
 # ----------------------------------------------------------------------------- config
@@ -99,9 +103,11 @@ def config_from_hf(
     param_dtype: str,
     dtype: str | None = None,
     where: str = "config.json",
+    generation: dict[str, Any] | None = None,
     **options: Any,
 ) -> LlamaConfig:
-    """Our LlamaConfig from a Hugging Face config dict; ``options`` set remat/scan_layers."""
+    """Our LlamaConfig from a Hugging Face config dict (and generation_config.json's dict,
+    ``generation``); ``options`` set remat/scan_layers."""
     try:
         heads = int(hf["num_attention_heads"])
         extra = {k: v for k, v in hf.items() if k not in _MODELED_KEYS}
@@ -122,6 +128,7 @@ def config_from_hf(
             param_dtype=param_dtype,
             dtype=dtype or param_dtype,
             hf_extra_json=json.dumps(extra, sort_keys=True),
+            generation_config_json=json.dumps(generation or {}, sort_keys=True),
             **options,
         )
     except KeyError as e:
@@ -297,7 +304,7 @@ def _hf_names(name: str, tmap: TensorMap, config: LlamaConfig) -> list[str]:
 
 
 HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
-HUB_FILES = ["*.json", "*.safetensors", "tokenizer.model", "*.txt"]
+HUB_ALWAYS = ["*.json", "tokenizer.model", "*.txt"]
 
 
 def is_hub_id(path: str) -> bool:
@@ -305,18 +312,27 @@ def is_hub_id(path: str) -> bool:
     return not os.path.exists(path) and HUB_ID.fullmatch(path) is not None
 
 
-def resolve_model_dir(path: str, revision: str | None = None) -> str:
-    """A local directory for ``path``: itself, or a hub snapshot (safetensors and JSON only).
+def hub_patterns(repo_files: list[str]) -> list[str]:
+    """What to download: JSON, tokenizer and the safetensors weights, or the Flax msgpack
+    weights when the repository has no safetensors. Pickle weights never."""
+    has_safetensors = any(f.endswith(".safetensors") for f in repo_files)
+    has_msgpack = any(f.endswith(".msgpack") for f in repo_files)
+    weights = "*.msgpack" if has_msgpack and not has_safetensors else "*.safetensors"
+    return HUB_ALWAYS + [weights, "*.msgpack.index.json"]
 
-    Pickle weights (*.bin) are never downloaded. Offline, or for a missing repository,
-    the error is one line.
+
+def resolve_model_dir(path: str, revision: str | None = None) -> str:
+    """A local directory for ``path``: itself, or a hub snapshot (see ``hub_patterns``).
+
+    Offline, or for a missing repository, the error is one line.
     """
     if not is_hub_id(path):
         return path
-    from huggingface_hub import snapshot_download
+    from huggingface_hub import list_repo_files, snapshot_download
 
     try:
-        return snapshot_download(path, revision=revision, allow_patterns=HUB_FILES)
+        patterns = hub_patterns(list_repo_files(path, revision=revision))
+        return snapshot_download(path, revision=revision, allow_patterns=patterns)
     except Exception as e:  # network, authentication, missing repository
         reason = str(e).splitlines()[0] if str(e) else type(e).__name__
         raise CheckpointError(
@@ -325,14 +341,28 @@ def resolve_model_dir(path: str, revision: str | None = None) -> str:
 
 
 def read_hf_config(path: str) -> dict[str, Any]:
-    config_path = os.path.join(path, "config.json")
+    """config.json of a model directory, or the JSON file ``path`` itself."""
+    config_path = path if os.path.isfile(path) else os.path.join(path, "config.json")
     if not os.path.isfile(config_path):
         raise CheckpointError(f"{path}: no config.json (is this a Hugging Face model directory?)")
+    return _read_json_object(config_path)
+
+
+def read_generation_config(path: str) -> dict[str, Any]:
+    """generation_config.json of a model directory; {} when it has none."""
+    config_path = os.path.join(path, GENERATION_CONFIG)
+    return _read_json_object(config_path) if os.path.isfile(config_path) else {}
+
+
+def _read_json_object(path: str) -> dict[str, Any]:
     try:
-        with open(config_path, encoding="utf-8") as f:
-            return json.load(f)
-    except json.JSONDecodeError as e:
-        raise CheckpointError(f"{config_path}: invalid JSON ({e})") from None
+        with open(path, encoding="utf-8") as f:
+            value = json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{path}: invalid JSON ({e})") from None
+    if not isinstance(value, dict):
+        raise CheckpointError(f"{path}: expected a JSON object, got {type(value).__name__}")
+    return value
 
 
 def open_safetensors(path: str) -> SafetensorsReader:
@@ -343,22 +373,14 @@ def open_safetensors(path: str) -> SafetensorsReader:
             files = sorted(set(json.load(f)["weight_map"].values()))
         return SafetensorsReader(os.path.join(path, name) for name in files)
     files = sorted(glob.glob(os.path.join(path, "*.safetensors")))
-    if files:
-        return SafetensorsReader(files)
-    pickles = sorted(glob.glob(os.path.join(path, "*.bin")) + glob.glob(os.path.join(path, "*.pt")))
-    if pickles:
-        raise CheckpointError(
-            f"{pickles[0]} is a pickle checkpoint, which sacpo_jax refuses to load (pickle can "
-            "run arbitrary code); safetensors is needed: convert it once with "
-            f"`python -c \"import transformers as t; t.AutoModel.from_pretrained('{path}')"
-            ".save_pretrained('OUT_DIR')\"` and load OUT_DIR"
-        )
-    raise CheckpointError(f"{path}: no model.safetensors or model-*.safetensors found")
+    if not files:
+        raise CheckpointError(f"{path}: no model.safetensors or model-*.safetensors found")
+    return SafetensorsReader(files)
 
 
-def check_tensors(reader: SafetensorsReader, config: LlamaConfig, path: str) -> None:
+def check_tensors(reader, maps: dict[str, TensorMap], config: LlamaConfig, path: str) -> None:
     """Fail with one line on the first missing tensor or shape mismatch."""
-    for name, tmap in tensor_maps(config).items():
+    for name, tmap in maps.items():
         expected = tmap.hf_shape(config)
         for hf_name in _hf_names(name, tmap, config):
             if hf_name not in reader:
@@ -384,22 +406,55 @@ def _block_reader(reader, name: str, tmap: TensorMap, config: LlamaConfig):
     return read
 
 
+def place_parameters(
+    reader, maps: dict[str, TensorMap], config: LlamaConfig, mesh: Mesh | None
+) -> Llama:
+    """A Llama whose every parameter is built block by block from ``reader`` via ``maps``
+    (reader: ``view(name)`` -> array, as SafetensorsReader); default mesh: one device."""
+    mesh = mesh or parallel.make_mesh(devices=jax.devices()[:1])
+    graphdef, abstract = nnx.split(nnx.eval_shape(lambda: Llama(config, rngs=nnx.Rngs(0))))
+
+    def place(key_path, leaf):
+        name = parallel.path_name(key_path)
+        sharding = jax.sharding.NamedSharding(mesh, parallel.param_spec(name, leaf.shape, mesh))
+        read = _block_reader(reader, name, maps[name], config)
+        return parallel.place_from_host(leaf.shape, jnp.dtype(config.param_dtype), sharding, read)
+
+    state = jax.tree_util.tree_map_with_path(place, abstract)
+    return nnx.merge(graphdef, state)
+
+
 def load_checkpoint(
     path: str,
     *,
     dtype: str | None = None,
     mesh: Mesh | None = None,
     compute_dtype: str | None = None,
+    format: str | None = None,
+    llama_config: str | None = None,
     **options: Any,
 ) -> Llama:
-    """Import a Hugging Face LLaMA directory as a sharded Llama module.
+    """Import a LLaMA checkpoint in any format of ``formats`` as a sharded Llama module.
 
     dtype: parameter dtype (default: the checkpoint's). mesh: where to place the
-    parameters (default: one device). options: LlamaConfig execution options
-    (remat, scan_layers). ``path`` may also be a hub id ("owner/name").
+    parameters (default: one device). format: force a format (default: told from the
+    files). llama_config: the architecture for formats that store none (EasyLM, MaxText).
+    options: LlamaConfig execution options (remat, scan_layers). ``path`` may also be a
+    hub id ("owner/name").
     """
     path = resolve_model_dir(path)
-    hf = read_hf_config(path)
+    kind = formats.detect(path, format)
+    if kind != "safetensors":
+        module = importlib.import_module(f"sacpo_jax.models.{kind}")
+        return module.load_checkpoint(
+            path,
+            dtype=dtype,
+            mesh=mesh,
+            compute_dtype=compute_dtype,
+            llama_config=llama_config,
+            **options,
+        )
+    hf = read_hf_config(llama_config or path)
     reader = open_safetensors(path)
     stored = reader.info(
         "model.embed_tokens.weight" if "model.embed_tokens.weight" in reader else reader.names()[0]
@@ -407,34 +462,30 @@ def load_checkpoint(
     param_dtype = jnp.dtype(dtype or stored.name).name
     where = os.path.join(path, "config.json")
     config = config_from_hf(
-        hf, param_dtype=param_dtype, dtype=compute_dtype, where=where, **options
+        hf,
+        param_dtype=param_dtype,
+        dtype=compute_dtype,
+        where=where,
+        generation=read_generation_config(path),
+        **options,
     )
-    check_tensors(reader, config, path)
-    mesh = mesh or parallel.make_mesh(devices=jax.devices()[:1])
-    graphdef, abstract = nnx.split(nnx.eval_shape(lambda: Llama(config, rngs=nnx.Rngs(0))))
     maps = tensor_maps(config)
-
-    def place(key_path, leaf):
-        name = parallel.path_name(key_path)
-        sharding = jax.sharding.NamedSharding(mesh, parallel.param_spec(name, leaf.shape, mesh))
-        read = _block_reader(reader, name, maps[name], config)
-        return parallel.place_from_host(leaf.shape, jnp.dtype(param_dtype), sharding, read)
-
-    state = jax.tree_util.tree_map_with_path(place, abstract)
-    return nnx.merge(graphdef, state)
+    check_tensors(reader, maps, config, path)
+    return place_parameters(reader, maps, config, mesh)
 
 
 # ----------------------------------------------------------------------------- export
 
 
-def _plan(model: Llama) -> list[PlannedTensor]:
+def export_plan(model: Llama, maps: dict[str, TensorMap]) -> list[PlannedTensor]:
+    """One PlannedTensor per file tensor named in ``maps``, each gathered when written."""
     config = model.config
     params = {
         parallel.path_name(p): leaf
         for p, leaf in jax.tree_util.tree_leaves_with_path(nnx.state(model, nnx.Param))
     }
     plan = []
-    for name, tmap in tensor_maps(config).items():
+    for name, tmap in maps.items():
         array = params[name]
         dtype = np.dtype(array.dtype)
         cache: dict[str, np.ndarray] = {}
@@ -461,10 +512,17 @@ def _plan(model: Llama) -> list[PlannedTensor]:
 
 
 def save_checkpoint(
-    model: Llama, path: str, tokenizer: Any = None, *, max_shard_bytes: int = 5 * 2**30
+    model: Llama,
+    path: str,
+    tokenizer: Any = None,
+    *,
+    max_shard_bytes: int = 5 * 2**30,
+    msgpack: bool = False,
 ) -> None:
-    """Write config.json, safetensors (with an index when sharded) and the tokenizer."""
-    plan = _plan(model)
+    """Write config.json, safetensors (with an index when sharded), the source's
+    generation_config.json (when it had one) and the tokenizer; ``msgpack``: also
+    flax_model.msgpack in the transformers 4.x Flax layout."""
+    plan = export_plan(model, tensor_maps(model.config))
     shards: list[list[PlannedTensor]] = [[]]
     size = 0
     for tensor in plan:
@@ -487,6 +545,8 @@ def save_checkpoint(
         else:  # still take part in the gathers of sharded parameters
             for tensor in shard:
                 tensor.produce()
+    if msgpack:
+        importlib.import_module("sacpo_jax.models.flax_msgpack").save(model, path)
     if not writer:
         return
     if len(shards) > 1:
@@ -498,5 +558,8 @@ def save_checkpoint(
             json.dump(index, f, indent=2)
     with open(os.path.join(path, "config.json"), "w") as f:
         json.dump(config_to_hf(model.config), f, indent=2, sort_keys=True)
+    if model.config.generation_config:
+        with open(os.path.join(path, GENERATION_CONFIG), "w") as f:
+            json.dump(model.config.generation_config, f, indent=2, sort_keys=True)
     if tokenizer is not None:
         tokenizer.save_pretrained(path)

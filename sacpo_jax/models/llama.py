@@ -57,6 +57,9 @@ class LlamaConfig:
     ``hf_extra_json`` keeps the Hugging Face config fields we do not model (token ids,
     ``max_position_embeddings`` etc.) so that an export reproduces them. It is a JSON
     string so that the config stays hashable (it is static under ``jax.jit``).
+    ``generation_config_json``: the source checkpoint's generation_config.json ("{}":
+    none), kept the same way; generation stops on every ``eos_token_id`` it lists and an
+    export writes it back.
     """
 
     vocab_size: int
@@ -77,6 +80,7 @@ class LlamaConfig:
     remat: bool = False
     scan_layers: bool = True
     hf_extra_json: str = "{}"
+    generation_config_json: str = "{}"
 
     def __post_init__(self):
         if self.num_attention_heads % self.num_key_value_heads:
@@ -97,6 +101,10 @@ class LlamaConfig:
     @property
     def hf_extra(self) -> dict[str, Any]:
         return json.loads(self.hf_extra_json)
+
+    @property
+    def generation_config(self) -> dict[str, Any]:
+        return json.loads(self.generation_config_json)
 
     def replace(self, **changes: Any) -> LlamaConfig:
         return dataclasses.replace(self, **changes)

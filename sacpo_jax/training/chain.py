@@ -68,7 +68,7 @@ class ModelStore:
     def get(self, name: str, asked_by: str) -> Llama:
         if name in self._models:
             return self._models[name]
-        if os.path.isdir(name) or hf.is_hub_id(name):
+        if os.path.exists(name) or hf.is_hub_id(name):  # a directory, or an EasyLM file
             self._models[name] = hf.load_checkpoint(name, **self._load_options)
             return self._models[name]
         raise ChainError(

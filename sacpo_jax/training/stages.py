@@ -154,7 +154,10 @@ def finish(loop: TrainingLoop, state: TrainState, total: int) -> Llama:
                 json.dump(results, f, indent=2)
     loop.checkpointer.save(total, state.saved(), {"step": total}, force=True)
     model = nnx.merge(loop.trainer.graphdef, state.model_params())
-    hf.save_checkpoint(model, os.path.join(stage_dir, MODEL_DIR), loop.ctx.tokenizer)
+    msgpack = loop.train.export_msgpack
+    hf.save_checkpoint(
+        model, os.path.join(stage_dir, MODEL_DIR), loop.ctx.tokenizer, msgpack=msgpack
+    )
     loop.checkpointer.mark_finished({"step": total, "fingerprint": params_fingerprint(model)})
     loop.checkpointer.close()
     loop.logger.close()
