@@ -249,7 +249,11 @@ def test_a_run_directory_that_is_a_file_is_one_line(tmp_path, capsys):
 
 def test_fewer_usable_rows_than_one_batch_is_one_line(tmp_path, capsys):
     code, err, _ = run_cli(chain(tmp_path / "run"), capsys, "stages.sft.data.limit=4")
-    assert code == 2 and len(err) == 1 and "4 examples cannot fill one batch of 8" in err[0]
+    assert (
+        code == 2
+        and len(err) == 1
+        and "4 usable examples cannot fill one batch of 8 (train.batch_size)" in err[0]
+    )
 
 
 # ----------------------------------------------------------------------------- 3. skip means skip

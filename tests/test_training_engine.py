@@ -404,7 +404,9 @@ def test_precomputed_and_on_the_fly_reference_give_the_same_results(bundled_chai
     stores = {}
     for path in (root / "cache" / "reference").glob("*.npz"):
         with np.load(path) as stored:
-            stores[len(stored["reference_chosen_logps"])] = dict(stored)
+            assert stored["scored"].all()  # every row is used: whole epochs, full evaluation
+            columns = {name: stored[name] for name in objectives.PAIR_REFERENCE.columns}
+            stores[len(stored["reference_chosen_logps"])] = columns
     assert sorted(stores) == [300, 512]  # held-out pairs (evaluation), training pairs
     rows = load_split("preference")[:512]
     chosen = [row[f"response_{row['better_response_id']}"] for row in rows]

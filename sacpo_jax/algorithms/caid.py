@@ -159,10 +159,6 @@ class CaidRun:
         self.pairs = self.prepare_pairs()
         self.pair_r, self.pair_g = self.score_pairs()
         train = stage.train
-        loader = ctx.loader(self.pairs.dataset, stage.data, train.batch_size, train=True)
-        self.steps_per_iteration = train.max_steps or max(
-            1, math.ceil(train.epochs * loader.steps_per_epoch)
-        )
         # lambda reaches the DPO step only through the labels (data): one compiled step.
         objective = objectives.dpo(
             "sigmoid", objectives.DpoCoefficients(train.learning_rate, stage.beta)
@@ -217,12 +213,12 @@ class CaidRun:
                 f"[{stage.name}] skipped pairs: "
                 + ", ".join(f"{k}={v}" for k, v in skipped.items())
             )
-        if len(dataset) < stage.train.batch_size:
-            raise CaidError(
-                f"[{stage.name}] {len(dataset)} pairs: fewer than one batch "
-                f"({stage.train.batch_size})"
-            )
-        batch = stage.train.eval_batch_size or stage.train.batch_size
+        train = stage.train
+        loader = ctx.loader(dataset, stage.data, train.batch_size, train=True)  # >= 1 batch
+        self.steps_per_iteration = train.max_steps or max(
+            1, math.ceil(train.epochs * loader.steps_per_epoch)
+        )
+        batch = train.eval_batch_size or train.batch_size
         dataset = add_reference_columns(
             dataset, stage.data, self.reference, objectives.PAIR_REFERENCE, ctx, batch
         )

@@ -11,7 +11,9 @@ from jax.sharding import Mesh
 
 from sacpo_jax.checkpoint import PreemptionGuard
 from sacpo_jax.data.dataset import TokenizedDataset
+from sacpo_jax.data.errors import DataError
 from sacpo_jax.data.loader import BatchLoader
+from sacpo_jax.data.sources import source_label
 from sacpo_jax.data.spec import DataSpec
 
 
@@ -38,6 +40,12 @@ class StageContext:
     ) -> BatchLoader:
         """This process's batches: shuffled and full for training (seeded by ``seed``),
         every example once in stored order otherwise."""
+        if train and len(dataset) < batch_size:
+            raise DataError(
+                source_label(spec.source),
+                f"{len(dataset)} usable examples cannot fill one batch of {batch_size} "
+                "(train.batch_size)",
+            )
         return BatchLoader(
             dataset,
             global_batch_size=batch_size,
