@@ -30,6 +30,9 @@ from sacpo_jax.data.spec import DataSpec
 from sacpo_jax.models import hf
 from sacpo_jax.training import loop, reference
 
+sys.path.insert(0, str(Path(__file__).parent))
+from fixtures_tokenizers import bpe_tokenizer  # noqa: E402
+
 TEMPLATE = "BEGINNING OF CONVERSATION: USER: {prompt} ASSISTANT:"
 
 
@@ -276,7 +279,7 @@ def test_skip_covers_rows_the_reader_cannot_read(tmp_path):
     )
     spec = {"source": {"type": "jsonl", "path": str(path)}, "adapter": "pair", "max_length": 32,
             "max_prompt_length": 16}  # fmt: skip
-    tokenizer = _oracle_tokenizer()
+    tokenizer = bpe_tokenizer(tmp_path / "bpe")
     dataset, report = build_dataset(DataSpec(**spec, on_bad_row="skip"), tokenizer)
     assert len(dataset) == 2
     assert report == {"not_an_object": 1, "not_utf8": 1, "invalid_json": 1}
@@ -284,12 +287,6 @@ def test_skip_covers_rows_the_reader_cannot_read(tmp_path):
 
     with pytest.raises(DataError, match=r"rows\.jsonl: line 3: a row must be a JSON object$"):
         build_dataset(DataSpec(**spec, on_bad_row="error"), tokenizer)
-
-
-def _oracle_tokenizer():
-    from sacpo_jax.data.oracle_tokenizer import oracle_tokenizer
-
-    return oracle_tokenizer()
 
 
 # ----------------------------------------------------------------------------- 4. preemption

@@ -418,7 +418,7 @@ def test_precomputed_and_on_the_fly_reference_give_the_same_results(bundled_chai
     def no_recompute(*args, **kwargs):
         raise AssertionError("reference log-probs recomputed despite the cache")
 
-    monkeypatch.setattr(reference, "compute_reference_columns", no_recompute)
+    monkeypatch.setattr(reference, "_score", no_recompute)
     again = {}
     for key, spec in (("train", dpo.data), ("eval", dpo.eval_data)):
         dataset, _ = build_dataset(spec, TOKENIZER)

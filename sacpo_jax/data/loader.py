@@ -73,7 +73,8 @@ class BatchLoader:
     ``global_batch_size // process_count`` rows per step, reshaped to
     ``[grad_accum, rows // grad_accum, ...]`` when ``grad_accum > 1``.
     Training loaders shuffle and drop the incomplete last batch of an epoch;
-    eval loaders (``shuffle=False, drop_remainder=False``) keep every row.
+    eval loaders (``shuffle=False, drop_remainder=False``) keep every row, or only the
+    examples ``rows`` (in that order; KTO's KL partners stay those of the whole dataset).
     """
 
     def __init__(
@@ -89,7 +90,10 @@ class BatchLoader:
         process_index: int = 0,
         process_count: int = 1,
         grad_accum: int = 1,
+        rows: np.ndarray | None = None,
     ) -> None:
+        if rows is not None and shuffle:
+            raise ValueError("rows selects examples of an unshuffled (eval) loader")
         if global_batch_size % process_count:
             raise ValueError(
                 f"global batch {global_batch_size} is not divisible by {process_count} processes"
@@ -120,17 +124,18 @@ class BatchLoader:
         self.drop_remainder = drop_remainder
         self.process_index = process_index
         self.grad_accum = grad_accum
+        self.rows = np.arange(len(dataset)) if rows is None else np.asarray(rows, np.int64)
         self._lengths = dataset.sequence_lengths()
 
     @property
     def steps_per_epoch(self) -> int:
-        full, rest = divmod(len(self.dataset), self.global_batch_size)
+        full, rest = divmod(len(self.rows), self.global_batch_size)
         return full if self.drop_remainder or not rest else full + 1
 
     def epoch_order(self, epoch: int) -> np.ndarray:
         """The example indices of one epoch, in visiting order."""
         if not self.shuffle:
-            return np.arange(len(self.dataset))
+            return self.rows
         return np.random.default_rng([self.seed, epoch]).permutation(len(self.dataset))
 
     def global_indices(self, step: int) -> np.ndarray:

@@ -7,6 +7,7 @@ import dataclasses
 from typing import Any
 
 import jax
+import numpy as np
 from jax.sharding import Mesh
 
 from sacpo_jax.checkpoint import PreemptionGuard
@@ -37,9 +38,10 @@ class StageContext:
         *,
         train: bool,
         grad_accum: int = 1,
+        rows: np.ndarray | None = None,
     ) -> BatchLoader:
         """This process's batches: shuffled and full for training (seeded by ``seed``),
-        every example once in stored order otherwise."""
+        every example (or every one of ``rows``) once in stored order otherwise."""
         if train and len(dataset) < batch_size:
             raise DataError(
                 source_label(spec.source),
@@ -57,4 +59,5 @@ class StageContext:
             process_index=jax.process_index(),
             process_count=jax.process_count(),
             grad_accum=grad_accum,
+            rows=rows,
         )

@@ -88,13 +88,13 @@ def _score(store, path, dataset, spec, model, reference, ctx, batch_size, missin
     """Score ``missing`` rows in stored order, filling ``store`` and saving it as it goes."""
     graphdef, params = split_model(model)
     reference_step = make_reference_step(graphdef, reference)
-    subset = dataset.select(missing)
     stage = os.path.basename(ctx.stage_dir)
     show = ctx.progress_bar and jax.process_index() == 0
     progress = tqdm(total=len(missing), desc=f"{stage} reference", unit="rows", disable=not show)
     started = saved = time.perf_counter()
     with ctx.preemption as guard:
-        for index, batch in ctx.loader(subset, spec, batch_size, train=False).iterate():
+        loader = ctx.loader(dataset, spec, batch_size, train=False, rows=missing)
+        for index, batch in loader.iterate():
             valid = parallel.gather_rows(batch.pop("valid")).astype(bool)
             out = reference_step(params, parallel.global_batch(batch, ctx.mesh))
             rows = missing[index * batch_size : index * batch_size + int(valid.sum())]
