@@ -247,8 +247,9 @@ class PreemptionGuard:
     same points: it returns True on all of them together when any one got a signal (an
     all-gather of the flags), or when JAX's preemption service (``jax.distributed``,
     which catches SIGTERM itself if it was set up after this guard) reports its sync
-    point. Entering an entered guard again is a no-op; the previous handlers come back
-    when the outermost ``with`` exits.
+    point. Entering the guard starts a fresh watch (the flag is cleared); entering an
+    entered guard again is a no-op; the previous handlers come back when the outermost
+    ``with`` exits.
     """
 
     def __init__(self, signals: tuple[int, ...] = (signal.SIGTERM, signal.SIGINT)) -> None:
@@ -275,9 +276,11 @@ class PreemptionGuard:
         return bool(np.any(flags)) or _reached_preemption_sync_point(step)
 
     def __enter__(self) -> PreemptionGuard:
-        if self._depth == 0 and threading.current_thread() is threading.main_thread():
-            for signum in self.signals:
-                self._previous[signum] = signal.signal(signum, self._handle)
+        if self._depth == 0:
+            self._flag.clear()  # a new watch: signals before it belong to an earlier run
+            if threading.current_thread() is threading.main_thread():
+                for signum in self.signals:
+                    self._previous[signum] = signal.signal(signum, self._handle)
         self._depth += 1
         return self
 
