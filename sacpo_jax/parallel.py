@@ -136,6 +136,19 @@ def batch_sharding(mesh: Mesh, ndim: int = 2) -> NamedSharding:
     return NamedSharding(mesh, PartitionSpec(BATCH_AXES, *([None] * (ndim - 1))))
 
 
+def constrain_rows(x: jax.Array) -> jax.Array:
+    """``x`` with its rows (axis 0) split over the batch axes of the mesh set by
+    ``jax.set_mesh`` and its other axes replicated; unchanged when no such mesh is set.
+
+    Keeps activations row-sharded through a layer, so that parameters sharded over fsdp
+    are all-gathered for the layer (FSDP) instead of the batch's activations.
+    """
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty or not set(BATCH_AXES) <= set(mesh.axis_names):
+        return x
+    return jax.lax.with_sharding_constraint(x, PartitionSpec(BATCH_AXES, *[None] * (x.ndim - 1)))
+
+
 def replicated(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, PartitionSpec())
 

@@ -52,7 +52,8 @@ def make_train_step(
     grad_accum: int = 1,
 ) -> Callable:
     def loss_fn(params, micro, coeffs):
-        loss, metrics, _ = objective(nnx.merge(graphdef, params), micro, coeffs)
+        with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):  # see parallel.constrain_rows
+            loss, metrics, _ = objective(nnx.merge(graphdef, params), micro, coeffs)
         return loss, metrics
 
     grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
