@@ -137,8 +137,9 @@ def batch_sharding(mesh: Mesh, ndim: int = 2) -> NamedSharding:
 
 
 def constrain_rows(x: jax.Array) -> jax.Array:
-    """``x`` with its rows (axis 0) split over the batch axes of the mesh set by
-    ``jax.set_mesh`` and its other axes replicated; unchanged when no such mesh is set.
+    """``x`` with its rows (axis 0) split over the batch axes of the mesh in context
+    (``jax.set_mesh`` outside a jitted function, ``jax.sharding.use_abstract_mesh``
+    inside one) and its other axes replicated; unchanged when no mesh is set.
 
     Keeps activations row-sharded through a layer, so that parameters sharded over fsdp
     are all-gathered for the layer (FSDP) instead of the batch's activations.
