@@ -5,9 +5,10 @@ log-probability of token t >= 1 is log_softmax(z_{t-1})[input_ids[:, t]] with
 z_t = hidden_t @ head, and a sequence's score is the sum over the positions where
 loss_mask is 1 (the completion, EOS included).
 
-The [rows, seq, vocab] float32 logits are never formed. The vocabulary is processed
-``chunk`` entries at a time in a scan that keeps running statistics per position (an
-online logsumexp: max m, sum of exp(z - m), ...), each chunk under ``jax.checkpoint``:
+The [rows, seq, vocab] float32 logits are never formed (unless the vocabulary fits in
+one chunk). The vocabulary is processed ``chunk`` entries at a time in a scan that
+keeps running statistics per position (an online logsumexp: max m, sum of
+exp(z - m), ...), each chunk under ``jax.checkpoint``:
 forward and backward hold one [rows, seq, chunk] block of logits at a time, the
 backward pass recomputes its chunk's logits, and each chunk's slice of the head
 gradient is produced once (no vocabulary-sized accumulator, and under FSDP only a
@@ -71,7 +72,6 @@ def token_statistics(
     # A float32 constant of the scan, so that its gradient accumulates in float32.
     hidden = hidden.astype(jnp.float32)
 
-    @jax.checkpoint
     def add_chunk(run: _Running, chunk_and_start):
         weights, start = chunk_and_start
         ids = start + jnp.arange(chunk)
@@ -102,6 +102,8 @@ def token_statistics(
     zeros = jnp.zeros(targets.shape, jnp.float32)
     start = _Running(jnp.full(targets.shape, -jnp.inf), zeros, zeros, zeros, zeros)
     starts = jnp.arange(chunks) * chunk
+    if chunks > 1:  # with one chunk, saving its logits for the backward pass costs nothing more
+        add_chunk = jax.checkpoint(add_chunk)
     run, _ = jax.lax.scan(add_chunk, start, (head_chunks, starts))
     log_normaliser = run.max + jnp.log(run.exp_sum)
     return TokenStatistics(
