@@ -19,8 +19,7 @@ from fixtures_maxtext import write_maxtext
 from fixtures_models import randomize
 from test_hf_io import assert_bit_exact, params_of
 
-from sacpo_jax import train
-from sacpo_jax.algorithms import merge
+from sacpo_jax import merge, train
 from sacpo_jax.models import hf
 
 PAIR_DATA = {
