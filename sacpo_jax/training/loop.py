@@ -66,7 +66,7 @@ class Trainer:
         self.optimizer, self.mesh, self.grad_accum = optimizer, mesh, grad_accum
         self.reference, self.trainable = reference, trainable
         self.coefficients = as_arrays(objective.coefficients)
-        self.eval_step = make_eval_step(graphdef, objective.loss)
+        self.eval_step = make_eval_step(graphdef, objective.loss, mesh)
         self.train_step: Callable | None = None
         self.state_shardings: TrainState | None = None
 

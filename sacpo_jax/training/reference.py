@@ -87,7 +87,7 @@ def _save(path: str, store: dict[str, np.ndarray]) -> None:
 def _score(store, path, dataset, spec, model, reference, ctx, batch_size, missing, log_every):
     """Score ``missing`` rows in stored order, filling ``store`` and saving it as it goes."""
     graphdef, params = split_model(model)
-    reference_step = make_reference_step(graphdef, reference)
+    reference_step = make_reference_step(graphdef, reference, ctx.mesh)
     stage = os.path.basename(ctx.stage_dir)
     show = ctx.progress_bar and jax.process_index() == 0
     progress = tqdm(total=len(missing), desc=f"{stage} reference", unit="rows", disable=not show)
@@ -131,9 +131,9 @@ def _log_progress(stage: str, done: int, total: int, seconds: float) -> None:
 class OnTheFlyReference:
     """A frozen reference model that scores each placed batch before the step."""
 
-    def __init__(self, model: Llama, reference: Reference):
+    def __init__(self, model: Llama, reference: Reference, mesh=None):
         graphdef, self.params = split_model(model)
-        self.step = make_reference_step(graphdef, reference)
+        self.step = make_reference_step(graphdef, reference, mesh)
 
     def columns(self, batch: dict, grad_accum: int = 1) -> dict[str, jax.Array]:
         """The reference columns of a global batch ([accum, micro, ...] with accumulation)."""

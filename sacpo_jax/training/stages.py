@@ -89,7 +89,7 @@ def run_training_stage(
         start = with_score_head(start, ctx.seed)
     on_the_fly = None
     if objective.reference is not None and stage.reference_mode == "on_the_fly":
-        on_the_fly = OnTheFlyReference(reference, objective.reference)
+        on_the_fly = OnTheFlyReference(reference, objective.reference, ctx.mesh)
     loader = ctx.loader(
         dataset, stage.data, train.batch_size, train=True, grad_accum=train.grad_accum
     )

@@ -13,6 +13,7 @@ micro-batch, gradients are averaged, and one update is applied.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable
 
 import jax
@@ -39,7 +40,7 @@ def make_train_step(
     of the trainable part, ``(trainable_state, frozen, batch, coeffs)``."""
 
     def loss_fn(params, frozen, micro, coeffs):
-        with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):  # see parallel.constrain_rows
+        with on_mesh(mesh):
             model = nnx.merge(graphdef, join(params, frozen))
             value, metrics, _ = loss(model, micro, coeffs)
         return value, metrics
@@ -90,21 +91,33 @@ def make_train_step(
     return train_step
 
 
-def make_eval_step(graphdef: nnx.GraphDef, loss: Loss) -> Callable:
+def make_eval_step(graphdef: nnx.GraphDef, loss: Loss, mesh: Mesh | None = None) -> Callable:
     """eval_step(params, batch, coeffs) -> per-example rows (no gradients)."""
 
     @jax.jit
     def eval_step(params, batch, coeffs):
-        return loss(nnx.merge(graphdef, params), batch, coeffs)[2]
+        with on_mesh(mesh):
+            return loss(nnx.merge(graphdef, params), batch, coeffs)[2]
 
     return eval_step
 
 
-def make_reference_step(graphdef: nnx.GraphDef, reference: Reference) -> Callable:
+def make_reference_step(
+    graphdef: nnx.GraphDef, reference: Reference, mesh: Mesh | None = None
+) -> Callable:
     """reference_step(params, batch) -> {reference column: [batch] log-probs}."""
 
     @jax.jit
     def reference_step(params, batch):
-        return reference.compute(nnx.merge(graphdef, params), batch)
+        with on_mesh(mesh):
+            return reference.compute(nnx.merge(graphdef, params), batch)
 
     return reference_step
+
+
+def on_mesh(mesh: Mesh | None):
+    """Inside a jitted function: the mesh that ``parallel.constrain_rows`` keeps
+    activations row-sharded on (FSDP gathers weights, not activations)."""
+    if mesh is None:
+        return contextlib.nullcontext()
+    return jax.sharding.use_abstract_mesh(mesh.abstract_mesh)
