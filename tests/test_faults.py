@@ -109,6 +109,7 @@ def signal_on_call(target, name: str, call: int, monkeypatch, signum=signal.SIGT
 # ----------------------------------------------------------------------------- 1. no stale reuse
 
 
+@pytest.mark.slow
 def test_a_changed_stage_runs_again_and_the_rest_is_reused(tmp_path, capsys):
     run_dir = tmp_path / "run"
     assert run_cli(chain(run_dir), capsys)[0] == 0
@@ -292,6 +293,7 @@ def test_skip_covers_rows_the_reader_cannot_read(tmp_path):
 # ----------------------------------------------------------------------------- 4. preemption
 
 
+@pytest.mark.slow
 def test_every_phase_stops_cleanly_and_resumes_to_the_same_result(tmp_path, capsys, monkeypatch):
     expected = tmp_path / "uninterrupted"
     assert run_cli(chain(expected, evaluate=True), capsys)[0] == 0
@@ -346,6 +348,7 @@ def test_a_second_ctrl_c_stops_at_once(tmp_path, capsys, monkeypatch):
     assert code == 130 and err == ["error: interrupted by a second Ctrl-C; rerun to resume"]
 
 
+@pytest.mark.slow
 def test_two_runs_on_one_directory(tmp_path):
     config = chain(tmp_path / "run")
     config["stages"][0]["train"]["max_steps"] = 30
@@ -409,6 +412,7 @@ def jax_tree_map(fn, tree):
     return jax.tree.map(fn, tree)
 
 
+@pytest.mark.slow
 def test_a_full_disk_is_one_line_and_keeps_the_last_checkpoint(tmp_path, capsys, monkeypatch):
     with monkeypatch.context() as patch:
         patch.setattr(checkpoint.shutil, "disk_usage", lambda _: shutil._ntuple_diskusage(1, 1, 0))
