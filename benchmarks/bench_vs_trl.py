@@ -1,6 +1,13 @@
-"""DPO step throughput and peak memory on CPU: sacpo_jax against TRL's DPOTrainer.
+"""DPO step throughput and peak memory on CPU: sacpo_jax against TRL's DPOTrainer and a
+plain torch eager DPO step.
 
-    python benchmarks/bench_vs_trl.py [--steps 6 --warmup 2 --batch 8 --prompt 128 --completion 128]
+    python benchmarks/bench_vs_trl.py [--steps 6 --warmup 2 --batch 8 --prompt 128 \
+        --completion 128 --repeats 3]
+
+Run it on a quiet machine (nothing else running; the script prints the load average
+before and after): torch's threads degrade badly when the cores are shared. The
+programs run interleaved (A B C D, A B C D, ...) ``--repeats`` times, each in a fresh
+process, and the table quotes the median over runs of each run's median step.
 
 Both sides train the same LLaMA (random weights saved once by transformers and loaded
 by both), in float32, on the same pairs: every prompt has exactly ``--prompt`` tokens
@@ -14,6 +21,9 @@ Reference log-probs, each side's default:
                as the step alone and amortised (step + the reference pass's share).
     sacpo_jax  on the fly (reference_mode: on_the_fly), for comparison.
     TRL        a frozen reference copy scored every step (precompute_ref_log_probs=False).
+    torch      the same as TRL, written by hand: one forward of chosen+rejected rows, the
+               reference under no_grad, sigmoid DPO loss, backward, AdamW (torch threads =
+               the cores).
 Needs ``pip install trl`` (not a sacpo_jax dependency).
 """
 
@@ -202,23 +212,79 @@ def trl(args, model_path: str) -> dict:
     return {"step_seconds": times[args.warmup :], "reference_seconds": 0.0}
 
 
+def torch_eager(args, model_path: str) -> dict:
+    """A minimal DPO step in plain torch: what TRL's step computes, without the trainer."""
+    import copy
+
+    import torch
+    import transformers
+
+    torch.manual_seed(0)
+    torch.set_num_threads(os.cpu_count() or 1)
+    policy = transformers.LlamaForCausalLM.from_pretrained(model_path, dtype=torch.float32)
+    reference = copy.deepcopy(policy).eval().requires_grad_(False)
+    optimizer = torch.optim.AdamW(policy.parameters(), lr=1e-6)
+    tokenizer = make_tokenizer()
+    total = args.warmup + args.steps
+    pairs = make_pairs(args.batch * total, args.prompt, args.completion)
+
+    def rows(batch_pairs, side):
+        return [
+            tokenizer(p["prompt"])["input_ids"] + tokenizer(p[side])["input_ids"]
+            + [tokenizer.eos_token_id]
+            for p in batch_pairs
+        ]  # fmt: skip
+
+    def completion_logps(model, ids):
+        logits = model(input_ids=ids).logits[:, :-1].float()
+        token = torch.gather(logits.log_softmax(-1), 2, ids[:, 1:, None])[..., 0]
+        return token[:, args.prompt - 1 :].sum(-1)
+
+    times = []
+    for i in range(total):
+        batch = pairs[i * args.batch : (i + 1) * args.batch]
+        ids = torch.tensor(rows(batch, "chosen") + rows(batch, "rejected"))
+        started = time.perf_counter()
+        with torch.no_grad():
+            ref = completion_logps(reference, ids)
+        logps = completion_logps(policy, ids)
+        n = args.batch
+        margin = (logps[:n] - ref[:n]) - (logps[n:] - ref[n:])
+        loss = -torch.nn.functional.logsigmoid(0.1 * margin).mean()
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        times.append(time.perf_counter() - started)
+    return {"step_seconds": times[args.warmup :], "reference_seconds": 0.0}
+
+
 def run_one(args) -> None:
     if args.framework == "trl":
         result = trl(args, args.model)
+    elif args.framework == "torch":
+        result = torch_eager(args, args.model)
     else:
         result = ours(args, args.model, on_the_fly=args.framework == "ours-on-the-fly")
     result["peak_rss_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     print("RESULT " + json.dumps(result))
 
 
-def summarise(name: str, result: dict, tokens_per_step: int) -> dict:
-    steps = result["step_seconds"]
-    step = sorted(steps)[len(steps) // 2]  # median
+def median(values: list[float]) -> float:
+    ordered = sorted(values)
+    middle = len(ordered) // 2
+    return ordered[middle] if len(ordered) % 2 else (ordered[middle - 1] + ordered[middle]) / 2
+
+
+def summarise(name: str, results: list[dict], tokens_per_step: int) -> dict:
+    """Medians over runs of each run's median step (and amortised reference share)."""
+    steps = [median(r["step_seconds"]) for r in results]
+    step = median(steps)
     row = {"name": name, "step_s": step, "tokens_per_s": tokens_per_step / step}
-    if result["reference_seconds"]:
-        amortised = step + result["reference_seconds"] / len(steps)
-        row["amortised_tokens_per_s"] = tokens_per_step / amortised
-    row["peak_rss_mib"] = result["peak_rss_mib"]
+    row["runs_tokens_per_s"] = [round(tokens_per_step / s) for s in steps]
+    if results[0]["reference_seconds"]:
+        shares = [r["reference_seconds"] / len(r["step_seconds"]) for r in results]
+        row["amortised_tokens_per_s"] = tokens_per_step / (step + median(shares))
+    row["peak_rss_mib"] = median([r["peak_rss_mib"] for r in results])
     return row
 
 
@@ -229,6 +295,7 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=8, help="pairs per step")
     parser.add_argument("--prompt", type=int, default=128)
     parser.add_argument("--completion", type=int, default=128)
+    parser.add_argument("--repeats", type=int, default=3, help="interleaved runs per program")
     parser.add_argument("--framework", help=argparse.SUPPRESS)
     parser.add_argument("--model", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -236,35 +303,43 @@ def main() -> None:
         run_one(args)
         return
     tokens_per_step = 2 * args.batch * (args.prompt + args.completion)
-    rows = []
+    names = ("trl", "torch", "ours", "ours-on-the-fly")
+    results: dict[str, list[dict]] = {name: [] for name in names}
+    print(f"load average before: {os.getloadavg()}")
     with tempfile.TemporaryDirectory() as model_dir:
         save_model(model_dir)
-        for name in ("trl", "ours", "ours-on-the-fly"):
-            command = [sys.executable, __file__, "--framework", name, "--model", model_dir]
-            command += [f"--{k}={getattr(args, k)}" for k in ("steps", "warmup", "batch")]
-            command += [f"--prompt={args.prompt}", f"--completion={args.completion}"]
-            env = {**os.environ, "JAX_PLATFORMS": "cpu"}
-            output = subprocess.run(command, capture_output=True, text=True, env=env)
-            lines = [x for x in output.stdout.splitlines() if x.startswith("RESULT ")]
-            if output.returncode or not lines:
-                raise SystemExit(f"{name} failed:\n{output.stderr[-3000:]}")
-            rows.append(summarise(name, json.loads(lines[-1][7:]), tokens_per_step))
+        for _ in range(args.repeats):
+            for name in names:  # interleaved: A B C D, A B C D, ...
+                command = [sys.executable, __file__, "--framework", name, "--model", model_dir]
+                command += [f"--{k}={getattr(args, k)}" for k in ("steps", "warmup", "batch")]
+                command += [f"--prompt={args.prompt}", f"--completion={args.completion}"]
+                env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+                output = subprocess.run(command, capture_output=True, text=True, env=env)
+                lines = [x for x in output.stdout.splitlines() if x.startswith("RESULT ")]
+                if output.returncode or not lines:
+                    raise SystemExit(f"{name} failed:\n{output.stderr[-3000:]}")
+                results[name].append(json.loads(lines[-1][7:]))
+    print(f"load average after: {os.getloadavg()}")
+    rows = [summarise(name, results[name], tokens_per_step) for name in names]
     print(
         f"tokens per step: {tokens_per_step} (batch {args.batch} pairs, length "
-        f"{args.prompt}+{args.completion}); median of {args.steps} steps after {args.warmup}"
+        f"{args.prompt}+{args.completion}); median over {args.repeats} interleaved runs of "
+        f"each run's median of {args.steps} steps after {args.warmup}"
     )
-    print("| run | step (s) | tokens/s | tokens/s incl. reference pass | peak RSS (MiB) |")
-    print("|---|---|---|---|---|")
+    print("| run | step (s) | tokens/s | tokens/s incl. reference pass | runs | peak RSS (MiB) |")
+    print("|---|---|---|---|---|---|")
     for r in rows:
         amortised = f"{r['amortised_tokens_per_s']:.0f}" if "amortised_tokens_per_s" in r else "-"
         print(
             f"| {r['name']} | {r['step_s']:.3f} | {r['tokens_per_s']:.0f} | {amortised} "
-            f"| {r['peak_rss_mib']:.0f} |"
+            f"| {r['runs_tokens_per_s']} | {r['peak_rss_mib']:.0f} |"
         )
-    trl_rate = rows[0]["tokens_per_s"]
-    for r in rows[1:]:
-        rate = r.get("amortised_tokens_per_s", r["tokens_per_s"])
-        print(f"{r['name']} / TRL (amortised where precomputed): {rate / trl_rate:.2f}x")
+    by_name = {r["name"]: r for r in rows}
+    for baseline in ("trl", "torch"):
+        for name in ("ours", "ours-on-the-fly"):
+            r = by_name[name]
+            rate = r.get("amortised_tokens_per_s", r["tokens_per_s"])
+            print(f"{name} / {baseline}: {rate / by_name[baseline]['tokens_per_s']:.2f}x")
 
 
 if __name__ == "__main__":
