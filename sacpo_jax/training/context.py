@@ -32,9 +32,11 @@ class StageContext:
         *,
         train: bool,
         grad_accum: int = 1,
+        interleave_labels: bool = False,
     ) -> BatchLoader:
         """This process's batches: shuffled and full for training (seeded by ``seed``),
-        every example once in stored order otherwise."""
+        every example once in stored order otherwise; ``interleave_labels``: see
+        ``BatchLoader``."""
         return BatchLoader(
             dataset,
             global_batch_size=batch_size,
@@ -46,4 +48,5 @@ class StageContext:
             process_index=jax.process_index(),
             process_count=jax.process_count(),
             grad_accum=grad_accum,
+            interleave_labels=interleave_labels,
         )

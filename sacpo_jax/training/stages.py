@@ -96,7 +96,12 @@ def run_training_stage(
             )
 
     loader = ctx.loader(
-        dataset, stage.data, train.batch_size, train=True, grad_accum=train.grad_accum
+        dataset,
+        stage.data,
+        train.batch_size,
+        train=True,
+        grad_accum=train.grad_accum,
+        interleave_labels=stage.interleave_labels,
     )
     total = train.max_steps or max(1, math.ceil(train.epochs * loader.steps_per_epoch))
     graphdef, params = split_model(start)
