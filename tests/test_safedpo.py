@@ -130,4 +130,4 @@ def test_a_safedpo_stage_on_an_adapter_without_safety_labels_is_refused(tmp_path
     assert "\n" not in str(error.value)
     stage["data"]["adapter"] = "pku_safedpo"
     path.write_text(json.dumps(tree))
-    assert load_config(str(path)).stages[0].safety_margin == 2.0
+    assert load_config(str(path)).stages[0].safety_margin == 5.0
