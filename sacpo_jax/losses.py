@@ -260,7 +260,9 @@ SIMPO = PairLoss(_simpo, uses_label_smoothing=True, needs_lengths=True, needs_re
 ORPO = PairLoss(_orpo, needs_lengths=True, needs_reference=False)
 
 
-def safedpo_loss(p: PairLogps, c, chosen_unsafe: ArrayLike, rejected_unsafe: ArrayLike):
+def safedpo_loss(
+    p: PairLogps, c, chosen_unsafe: ArrayLike, rejected_unsafe: ArrayLike
+) -> jax.Array:
     """SafeDPO: -log sigmoid(beta d - (h_r - h_c) * margin), h = 1 for an unsafe response.
 
     ``c.safety_margin`` is SafeDPO's Delta. On pairs reordered by ``pku_safedpo`` the
@@ -271,7 +273,9 @@ def safedpo_loss(p: PairLogps, c, chosen_unsafe: ArrayLike, rejected_unsafe: Arr
     return -jax.nn.log_sigmoid(c.beta * p.delta - gap * c.safety_margin)
 
 
-class _PairCoefficients(NamedTuple):
+class PairCoefficients(NamedTuple):
+    """The coefficients the DPO family reads (an objective's may hold more)."""
+
     beta: ArrayLike
     label_smoothing: ArrayLike
     discopop_tau: ArrayLike
@@ -368,7 +372,7 @@ def dpo_loss(
         chosen_lengths=None if chosen_lengths is None else jnp.asarray(chosen_lengths),
         rejected_lengths=None if rejected_lengths is None else jnp.asarray(rejected_lengths),
     )
-    coeffs = _PairCoefficients(beta, label_smoothing, discopop_tau)
+    coeffs = PairCoefficients(beta, label_smoothing, discopop_tau)
     weights = loss_weights if loss_weights is not None else (1.0,) * len(loss_types)
     losses = combined_pair_loss(pairs, coeffs, loss_types, weights)
     chosen_rewards, rejected_rewards = implicit_rewards(pairs, beta)

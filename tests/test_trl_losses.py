@@ -151,7 +151,7 @@ def test_huge_margins_stay_finite(loss_type):
 
         def total(chosen, rejected):
             moved = p._replace(policy_chosen=chosen, policy_rejected=rejected)
-            coeffs = losses._PairCoefficients(
+            coeffs = losses.PairCoefficients(
                 options.get("beta", 0.1), options.get("label_smoothing", 0.0), 0.05
             )
             return jnp.sum(losses.PAIR_LOSSES[loss_type].loss(moved, coeffs))
