@@ -36,7 +36,13 @@ from sacpo_jax import parallel
 from sacpo_jax.data.prompts import AUTO, CHAT, resolve_template
 from sacpo_jax.data.tokenize import default_bos_id, encode_prompt
 from sacpo_jax.errors import SacpoError
-from sacpo_jax.models.llama import Llama, positions_from_mask, rms_norm, run_layers
+from sacpo_jax.models.llama import (
+    AttentionMask,
+    Llama,
+    positions_from_mask,
+    rms_norm,
+    run_layers,
+)
 
 # Stop strings of the SACPO paper's evaluation (Wachi et al., 2024, appendix).
 SACPO_STOP_STRINGS = (
@@ -193,15 +199,6 @@ def choose_tokens(
 # ----------------------------------------------------------------------------- cached forward
 
 
-def cache_bias(key_mask: jax.Array, first_slot: jax.Array, q_len: int) -> jax.Array:
-    """Additive bias [b, 1, q_len, max_len]: query q (at slot first_slot + q) sees key j
-    iff j <= first_slot + q and key_mask[j]."""
-    slots = jnp.arange(key_mask.shape[-1])
-    causal = slots[None, :] <= first_slot + jnp.arange(q_len)[:, None]
-    allowed = causal[None, None] & key_mask[:, None, None, :].astype(bool)
-    return jnp.where(allowed, 0.0, NEG_INF)
-
-
 def cached_forward(
     model: Llama,
     input_ids: jax.Array,
@@ -216,8 +213,8 @@ def cached_forward(
     """
     config = model.config
     x = model.embed[...][input_ids].astype(jnp.dtype(config.dtype))
-    bias = cache_bias(key_mask, first_slot, input_ids.shape[1])
-    x, caches = run_layers(model.layer_weights(), x, positions, bias, config, caches, first_slot)
+    mask = AttentionMask(key_mask, query_offset=first_slot)
+    x, caches = run_layers(model.layer_weights(), x, positions, mask, config, caches, first_slot)
     hidden = rms_norm(x[:, -1:], model.final_norm[...], config.rms_norm_eps)
     return model.logits_from_hidden(hidden)[:, 0], caches
 

@@ -1,8 +1,18 @@
 """Log-probabilities of tokens under a causal LM: the bridge between models and losses.
 
-Convention (TRL): logits[:, t] predicts input_ids[:, t + 1], so the log-probability of
-token t >= 1 is log_softmax(logits[:, t - 1])[input_ids[:, t]], and a sequence's score
-is the sum over the positions where loss_mask is 1 (the completion, EOS included).
+Convention (TRL): the logits at position t predict input_ids[:, t + 1], so the
+log-probability of token t >= 1 is log_softmax(z_{t-1})[input_ids[:, t]] with
+z_t = hidden_t @ head, and a sequence's score is the sum over the positions where
+loss_mask is 1 (the completion, EOS included).
+
+The [rows, seq, vocab] float32 logits are never formed (unless the vocabulary fits in
+one chunk). The vocabulary is processed ``chunk`` entries at a time in a scan that
+keeps running statistics per position (an online logsumexp: max m, sum of
+exp(z - m), ...), each chunk under ``jax.checkpoint``:
+forward and backward hold one [rows, seq, chunk] block of logits at a time, the
+backward pass recomputes its chunk's logits, and each chunk's slice of the head
+gradient is produced once (no vocabulary-sized accumulator, and under FSDP only a
+chunk of the head is gathered at a time).
 """
 
 from __future__ import annotations
@@ -13,23 +23,94 @@ import jax
 import jax.numpy as jnp
 
 
-def token_logprobs(logits: jax.Array, input_ids: jax.Array) -> jax.Array:
-    """log p(input_ids[:, t] | input_ids[:, :t]) for t = 1..seq-1: shape [batch, seq - 1].
+class TokenStatistics(NamedTuple):
+    """Per-position statistics of the next-token distribution p = softmax(z), z = logits.
 
-    Computed as logit[target] - logsumexp(logits), in float32.
+    logps:       log p(target) = z[target] - logsumexp(z), [rows, seq] float32
+    mean_logits: mean(z) over the vocabulary, [rows, seq] float32
+    entropy:     -sum p log p = logsumexp(z) - sum p z, [rows, seq] float32, or None when
+                 not asked for
     """
-    logits = logits[:, :-1].astype(jnp.float32)
-    targets = input_ids[:, 1:]
-    picked = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
-    return picked - jax.nn.logsumexp(logits, axis=-1)
+
+    logps: jax.Array
+    mean_logits: jax.Array
+    entropy: jax.Array | None
 
 
-def sequence_logps(
-    logits: jax.Array, input_ids: jax.Array, loss_mask: jax.Array
-) -> tuple[jax.Array, jax.Array]:
-    """(sum of completion-token log-probs, number of completion tokens), each [batch]."""
-    mask = loss_mask[:, 1:].astype(jnp.float32)
-    return jnp.sum(token_logprobs(logits, input_ids) * mask, axis=-1), jnp.sum(mask, axis=-1)
+class _Running(NamedTuple):
+    """Statistics of the vocabulary entries seen so far, per position (float32 [rows, seq]).
+
+    max: m = max z; exp_sum: sum exp(z - m); weighted: sum exp(z - m) z;
+    target: z[target] once its chunk was seen, else 0; total: sum z.
+    """
+
+    max: jax.Array
+    exp_sum: jax.Array
+    weighted: jax.Array
+    target: jax.Array
+    total: jax.Array
+
+
+def token_statistics(
+    hidden: jax.Array,
+    head: jax.Array,
+    targets: jax.Array,
+    chunk: int = 4096,
+    entropy: bool = False,
+) -> TokenStatistics:
+    """Statistics of z = hidden @ head at every position, ``chunk`` vocabulary entries at
+    a time (the last chunk is padded with masked-out entries).
+
+    hidden: [rows, seq, d] (compute dtype); head: [d, vocab] (any dtype, cast to the
+    hidden's; logits accumulate in float32); targets: [rows, seq] ids in [0, vocab).
+    """
+    vocab = head.shape[1]
+    chunks = -(-vocab // chunk)
+    head = jnp.pad(head, ((0, 0), (0, chunks * chunk - vocab)))
+    head_chunks = jnp.moveaxis(head.reshape(head.shape[0], chunks, chunk), 1, 0)
+    compute_dtype = hidden.dtype
+    # A float32 constant of the scan, so that its gradient accumulates in float32.
+    hidden = hidden.astype(jnp.float32)
+
+    def add_chunk(run: _Running, chunk_and_start):
+        weights, start = chunk_and_start
+        ids = start + jnp.arange(chunk)
+        real = ids < vocab
+        logits = jnp.einsum(
+            "bsd,dv->bsv",
+            hidden.astype(compute_dtype),
+            weights.astype(compute_dtype),
+            preferred_element_type=jnp.float32,
+        )
+        logits = jnp.where(real, logits, 0.0)
+        # The running max is only a shift for stability: the statistics do not depend
+        # on it, so no gradient flows through it.
+        new_max = jax.lax.stop_gradient(
+            jnp.maximum(run.max, jnp.max(jnp.where(real, logits, -jnp.inf), axis=-1))
+        )
+        rescale = jnp.exp(run.max - new_max)
+        exps = jnp.where(real, jnp.exp(logits - new_max[..., None]), 0.0)
+        is_target = targets[..., None] == ids
+        return _Running(
+            max=new_max,
+            exp_sum=run.exp_sum * rescale + jnp.sum(exps, axis=-1),
+            weighted=run.weighted * rescale + jnp.sum(exps * logits, axis=-1),
+            target=run.target + jnp.sum(jnp.where(is_target, logits, 0.0), axis=-1),
+            total=run.total + jnp.sum(logits, axis=-1),
+        ), None
+
+    zeros = jnp.zeros(targets.shape, jnp.float32)
+    start = _Running(jnp.full(targets.shape, -jnp.inf), zeros, zeros, zeros, zeros)
+    starts = jnp.arange(chunks) * chunk
+    if chunks > 1:  # with one chunk, saving its logits for the backward pass costs nothing more
+        add_chunk = jax.checkpoint(add_chunk)
+    run, _ = jax.lax.scan(add_chunk, start, (head_chunks, starts))
+    log_normaliser = run.max + jnp.log(run.exp_sum)
+    return TokenStatistics(
+        logps=run.target - log_normaliser,
+        mean_logits=run.total / vocab,
+        entropy=log_normaliser - run.weighted / run.exp_sum if entropy else None,
+    )
 
 
 class CompletionLogps(NamedTuple):
@@ -52,14 +133,16 @@ def completion_logps(
     """The completion statistics of each row under a causal LM ``model``.
 
     The one place objectives, reference passes and scoring turn a model and tokens into
-    log-probs, so how the logits are formed (all at once, or in chunks) is decided here.
+    log-probs. Position t is scored on token t + 1 with weight loss_mask[t + 1]; the
+    last position predicts nothing (weight 0).
     """
-    logits = model(input_ids, attention_mask)
-    logps, counts = sequence_logps(logits, input_ids, loss_mask)
-    mask = loss_mask[:, 1:].astype(jnp.float32)
-    per_token = jnp.mean(logits[:, :-1], axis=-1)
-    mean_logits = jnp.sum(per_token * mask, axis=-1) / jnp.maximum(counts, 1.0)
-    return CompletionLogps(logps, counts, mean_logits)
+    hidden = model.hidden_states(input_ids, attention_mask)
+    next_tokens = jnp.pad(input_ids[:, 1:], ((0, 0), (0, 1)))
+    weights = jnp.pad(loss_mask[:, 1:], ((0, 0), (0, 1))).astype(jnp.float32)
+    stats = token_statistics(hidden, model.output_head(), next_tokens, model.config.vocab_chunk)
+    counts = jnp.sum(weights, axis=-1)
+    mean_logits = jnp.sum(stats.mean_logits * weights, axis=-1) / jnp.maximum(counts, 1.0)
+    return CompletionLogps(jnp.sum(stats.logps * weights, axis=-1), counts, mean_logits)
 
 
 def pair_logps(model, batch: dict) -> dict[str, jax.Array]:

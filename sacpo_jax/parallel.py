@@ -151,6 +151,20 @@ def global_batch(batch: dict[str, np.ndarray], mesh: Mesh, grad_accum: int = 1) 
     return {name: jax.make_array_from_process_local_data(sharding, x) for name, x in batch.items()}
 
 
+def constrain_rows(x: jax.Array) -> jax.Array:
+    """``x`` with its rows (axis 0) split over the batch axes of the mesh in context
+    (``jax.set_mesh`` outside a jitted function, ``jax.sharding.use_abstract_mesh``
+    inside one) and its other axes replicated; unchanged when no mesh is set.
+
+    Keeps activations row-sharded through a layer, so that parameters sharded over fsdp
+    are all-gathered for the layer (FSDP) instead of the batch's activations.
+    """
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty or not set(BATCH_AXES) <= set(mesh.axis_names):
+        return x
+    return jax.lax.with_sharding_constraint(x, PartitionSpec(BATCH_AXES, *[None] * (x.ndim - 1)))
+
+
 def replicated(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, PartitionSpec())
 

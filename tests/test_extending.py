@@ -59,8 +59,9 @@ def test_a_loss_registered_in_one_place_trains_through_the_cli(tmp_path, monkeyp
     assert train.main(["--config", str(path)]) == 0
     records = [r for r in read_metrics(tmp_path / "run/stages/dpo/metrics.jsonl") if "loss" in r]
     assert [r["step"] for r in records] == list(range(1, 13))
-    # Step 1 scores the start model, which is its own reference: delta = 0, loss = 1.
-    assert records[0]["loss"] == 1.0
+    # Step 1 scores the start model, which is its own reference: delta = 0 (up to float32
+    # rounding: the reference pass batches other rows together), loss = 1.
+    assert abs(records[0]["loss"] - 1.0) < 1e-5
     # (plain DPO would log log 2 there.) Every step the loss is the mean of (z - 1)^2 over
     # the batch, z = beta * delta, whose mean the log reports as rewards/margins; by
     # Jensen it is at least (mean z - 1)^2. And it falls as the margins approach 1.

@@ -29,13 +29,16 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from sacpo_jax import parallel
+
 ROPE_TYPES = ("default", "linear", "llama3")
+ATTENTION_IMPLEMENTATIONS = ("auto", "blocked", "cudnn")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -53,6 +56,12 @@ class RopeConfig:
 @dataclasses.dataclass(frozen=True)
 class LlamaConfig:
     """Architecture (mirrors the Hugging Face config) plus execution options.
+
+    Execution options (they change memory and speed, not results): ``remat`` recomputes
+    each block's activations in the backward pass; ``scan_layers`` compiles one block;
+    ``attention`` is an ``attend`` implementation (auto | blocked | cudnn) and
+    ``attention_block`` its query block; ``vocab_chunk`` is the number of vocabulary
+    entries whose logits are formed at once when log-probs are computed.
 
     ``hf_extra_json`` keeps the Hugging Face config fields we do not model (token ids,
     ``max_position_embeddings`` etc.) so that an export reproduces them. It is a JSON
@@ -79,6 +88,9 @@ class LlamaConfig:
     dtype: str = "float32"
     remat: bool = False
     scan_layers: bool = True
+    attention: str = "auto"
+    attention_block: int = 512
+    vocab_chunk: int = 4096
     hf_extra_json: str = "{}"
     generation_config_json: str = "{}"
 
@@ -88,6 +100,13 @@ class LlamaConfig:
                 f"num_attention_heads={self.num_attention_heads} is not a multiple of "
                 f"num_key_value_heads={self.num_key_value_heads}"
             )
+        if self.attention not in ATTENTION_IMPLEMENTATIONS:
+            raise ValueError(
+                f"unsupported attention {self.attention!r}; "
+                f"supported: {', '.join(ATTENTION_IMPLEMENTATIONS)}"
+            )
+        if min(self.attention_block, self.vocab_chunk) < 1:
+            raise ValueError("attention_block and vocab_chunk must be >= 1")
         if self.rope.rope_type not in ROPE_TYPES:
             raise ValueError(
                 f"unsupported rope_type {self.rope.rope_type!r}; supported: {', '.join(ROPE_TYPES)}"
@@ -181,34 +200,97 @@ def positions_from_mask(attention_mask: jax.Array) -> jax.Array:
     return jnp.maximum(jnp.cumsum(attention_mask, axis=-1) - 1, 0)
 
 
-def attention_bias(query_mask: jax.Array, key_mask: jax.Array, causal: bool) -> jax.Array:
-    """Additive bias [batch, 1, q, k]: 0 where a query may attend to a key, -inf-ish else.
+class AttentionMask(NamedTuple):
+    """Which keys each query may see, without a [q, k] array: query ``i`` sits at key slot
+    ``query_offset + i`` and sees key slot ``j`` iff ``j <= query_offset + i`` (causal)
+    and ``key_mask[b, j]`` (a real token).
 
-    A finite minimum (not -inf) keeps fully masked rows (pads in a left-padded batch)
-    free of NaNs; their outputs are never used.
+    key_mask:     [b, k] 1 for real keys, 0 for padding.
+    query_offset: scalar slot of the first query (0 for a forward over a whole row; the
+                  first new slot for a forward against a KV cache).
     """
-    allowed = key_mask[:, None, None, :].astype(bool)
-    if causal:
-        q_len, k_len = query_mask.shape[-1], key_mask.shape[-1]
-        offset = k_len - q_len
-        causal_ok = jnp.arange(k_len)[None, :] <= (jnp.arange(q_len)[:, None] + offset)
-        allowed = allowed & causal_ok[None, None]
-    return jnp.where(allowed, 0.0, jnp.finfo(jnp.float32).min)
+
+    key_mask: jax.Array
+    query_offset: jax.Array | int = 0
+
+    def allowed(self, query_slots: jax.Array) -> jax.Array:
+        """Boolean [b, 1, q, k]: may the query at each of ``query_slots`` [q] see each key?"""
+        keys = jnp.arange(self.key_mask.shape[-1])
+        causal = keys[None, :] <= query_slots[:, None]
+        return causal[None, None] & self.key_mask[:, None, None, :].astype(bool)
 
 
-def attend(q: jax.Array, k: jax.Array, v: jax.Array, bias: jax.Array) -> jax.Array:
-    """Grouped-query attention: softmax(q k^T / sqrt(d) + bias) v.
+def attend(
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    mask: AttentionMask,
+    block_size: int = 512,
+    implementation: str = "auto",
+) -> jax.Array:
+    """Grouped-query attention softmax(q k^T / sqrt(d) + mask) v, over the keys ``mask`` allows.
 
     q: [b, s, heads, d]; k, v: [b, t, kv_heads, d]; heads = kv_heads * groups.
+
+    "blocked" (XLA, any device): the queries are processed ``block_size`` at a time, each
+    block under ``jax.checkpoint``, so the scores held at once are [b, heads, block, t]
+    in forward and backward instead of [b, heads, s, t]. "cudnn": cuDNN's fused (flash)
+    attention through ``jax.nn.dot_product_attention``. "auto": cuDNN on a GPU for
+    bfloat16/float16 self-attention of a shape it supports, else blocked.
+    """
+    if implementation == "cudnn" or (implementation == "auto" and _cudnn_suits(q, k)):
+        try:
+            return fused_attention(q, k, v, mask, "cudnn")
+        except NotImplementedError:  # a shape or dtype cuDNN does not support
+            if implementation == "cudnn":
+                raise
+    s = q.shape[1]
+    if s <= block_size:
+        return _attend_block(q, k, v, mask, mask.query_offset + jnp.arange(s))
+    blocks = -(-s // block_size)
+    padded = jnp.pad(q, ((0, 0), (0, blocks * block_size - s), (0, 0), (0, 0)))
+    q_blocks = jnp.moveaxis(padded.reshape(q.shape[0], blocks, block_size, *q.shape[2:]), 1, 0)
+    slots = mask.query_offset + jnp.arange(blocks * block_size).reshape(blocks, block_size)
+
+    @jax.checkpoint
+    def one_block(block_and_slots):
+        return _attend_block(block_and_slots[0], k, v, mask, block_and_slots[1])
+
+    out = jax.lax.map(one_block, (q_blocks, slots))  # [blocks, b, block, heads, d]
+    return jnp.moveaxis(out, 0, 1).reshape(padded.shape)[:, :s]
+
+
+def _attend_block(
+    q: jax.Array, k: jax.Array, v: jax.Array, mask: AttentionMask, query_slots: jax.Array
+) -> jax.Array:
+    """Exact attention of the queries at ``query_slots``; scores in float32.
+
+    A query that may see no key (a pad row) gets uniform weights, not NaN; its output is
+    never used.
     """
     b, s, heads, d = q.shape
     kv_heads = k.shape[2]
     q = q.reshape(b, s, kv_heads, heads // kv_heads, d)
     scores = jnp.einsum("bskgd,btkd->bkgst", q, k).astype(jnp.float32) / math.sqrt(d)
-    scores = scores + bias[:, :, None]  # bias [b,1,s,t] -> [b,1,1,s,t]
+    allowed = mask.allowed(query_slots)[:, :, None]  # [b, 1, 1, s, t]
+    scores = jnp.where(allowed, scores, jnp.finfo(jnp.float32).min)
     weights = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
     out = jnp.einsum("bkgst,btkd->bskgd", weights, v)
     return out.reshape(b, s, heads, d)
+
+
+def _cudnn_suits(q: jax.Array, k: jax.Array) -> bool:
+    """On a GPU, half-precision self-attention (no KV cache): what cuDNN's kernel takes."""
+    half = q.dtype in (jnp.bfloat16, jnp.float16)
+    return jax.default_backend() == "gpu" and half and q.shape[1] == k.shape[1]
+
+
+def fused_attention(
+    q: jax.Array, k: jax.Array, v: jax.Array, mask: AttentionMask, implementation: str
+) -> jax.Array:
+    """``jax.nn.dot_product_attention`` with the mask as a boolean [b, 1, s, t] array."""
+    allowed = mask.allowed(mask.query_offset + jnp.arange(q.shape[1]))
+    return jax.nn.dot_product_attention(q, k, v, mask=allowed, implementation=implementation)
 
 
 # ----------------------------------------------------------------------------- module
@@ -256,7 +338,7 @@ def decoder_block(
     layer: dict[str, jax.Array],
     x: jax.Array,
     positions: jax.Array,
-    bias: jax.Array,
+    mask: AttentionMask,
     config: LlamaConfig,
     inv_freq: jax.Array,
     kv_cache: tuple[jax.Array, jax.Array] | None = None,
@@ -266,7 +348,7 @@ def decoder_block(
 
     With ``kv_cache`` ([b, max_len, kv_heads, d] keys and values), the new keys and
     values are written at ``cache_index`` and attention runs over the whole cache; the
-    bias must then cover the cache length.
+    mask must then cover the cache length.
     """
     dt = jnp.dtype(config.dtype)
     w = {name: value.astype(dt) for name, value in layer.items()}
@@ -284,7 +366,7 @@ def decoder_block(
         )
         kv_cache = (k_all, v_all)
         k, v = k_all.astype(dt), v_all.astype(dt)
-    attn = attend(q, k, v, bias)
+    attn = attend(q, k, v, mask, config.attention_block, config.attention)
     x = x + jnp.einsum("bshe,hed->bsd", attn, w["o"]) + _bias(w, "o_bias", dt)
     h = rms_norm(x, layer["post_attention_norm"], config.rms_norm_eps)
     gate = jnp.einsum("bsd,df->bsf", h, w["gate"]) + _bias(w, "gate_bias", dt)
@@ -297,7 +379,7 @@ def run_layers(
     layers: dict[str, jax.Array],
     x: jax.Array,
     positions: jax.Array,
-    bias: jax.Array,
+    mask: AttentionMask,
     config: LlamaConfig,
     kv_caches: tuple[jax.Array, jax.Array] | None = None,
     cache_index: jax.Array | None = None,
@@ -307,7 +389,10 @@ def run_layers(
 
     def block(x, layer_and_cache):
         layer, cache = layer_and_cache
-        return decoder_block(layer, x, positions, bias, config, inv_freq, cache, cache_index)
+        x, cache = decoder_block(
+            layer, parallel.constrain_rows(x), positions, mask, config, inv_freq, cache, cache_index
+        )
+        return parallel.constrain_rows(x), cache
 
     if config.remat:
         block = jax.checkpoint(block, policy=jax.checkpoint_policies.nothing_saveable)
@@ -360,14 +445,19 @@ class Llama(nnx.Module):
         if positions is None:
             positions = positions_from_mask(attention_mask)
         x = self.embed[...][input_ids].astype(jnp.dtype(self.config.dtype))
-        bias = attention_bias(attention_mask, attention_mask, causal=True)
-        x, _ = run_layers(self.layer_weights(), x, positions, bias, self.config)
+        mask = AttentionMask(attention_mask)
+        x, _ = run_layers(self.layer_weights(), x, positions, mask, self.config)
         return rms_norm(x, self.final_norm[...], self.config.rms_norm_eps)
 
+    def output_head(self) -> jax.Array:
+        """The [hidden, vocab] matrix that maps hidden states to logits: lm_head, or
+        embed^T when the embeddings are tied."""
+        return self.embed[...].T if self.config.tie_word_embeddings else self.lm_head[...]
+
     def logits_from_hidden(self, hidden: jax.Array) -> jax.Array:
-        """hidden @ lm_head (or @ embed^T when tied), in float32."""
-        head = self.embed[...].T if self.config.tie_word_embeddings else self.lm_head[...]
-        return jnp.einsum("bsd,dv->bsv", hidden, head.astype(hidden.dtype)).astype(jnp.float32)
+        """hidden @ output_head, in float32."""
+        head = self.output_head().astype(hidden.dtype)
+        return jnp.einsum("bsd,dv->bsv", hidden, head).astype(jnp.float32)
 
     def __call__(self, input_ids: jax.Array, attention_mask: jax.Array | None = None) -> jax.Array:
         hidden = self.hidden_states(input_ids, attention_mask)

@@ -39,7 +39,9 @@ def make_train_step(
     of the trainable part, ``(trainable_state, frozen, batch, coeffs)``."""
 
     def loss_fn(params, frozen, micro, coeffs):
-        value, metrics, _ = loss(nnx.merge(graphdef, join(params, frozen)), micro, coeffs)
+        with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):  # see parallel.constrain_rows
+            model = nnx.merge(graphdef, join(params, frozen))
+            value, metrics, _ = loss(model, micro, coeffs)
         return value, metrics
 
     grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
