@@ -36,7 +36,7 @@ from sacpo_jax.data.adapters import ADAPTERS, PAIR, SCORE_PAIR, SFT, UNPAIRED
 from sacpo_jax.data.spec import DataSpec, SourceSpec
 from sacpo_jax.data.tokenize import BUNDLED_TOKENIZER
 from sacpo_jax.errors import SacpoError
-from sacpo_jax.losses import PAIR_LOSSES
+from sacpo_jax.losses import DISCOPOP_TAU, PAIR_LOSSES
 from sacpo_jax.models.formats import detect
 from sacpo_jax.models.hf import is_hub_id
 
@@ -218,6 +218,11 @@ class TrainedStage(StageBase):
     def sources(self) -> list[str]:
         return [self.start]
 
+    @property
+    def interleave_labels(self) -> bool:
+        """Training batches alternate desirable and undesirable rows (KTO's "interleave")."""
+        return False
+
     def resolve(self, previous: str | None, earlier: list[StageBase]) -> TrainedStage:
         if self.start != "previous":
             return self
@@ -290,40 +295,113 @@ class ReferencedStage(SupervisedStage):
 
 
 class DpoStage(ReferencedStage):
-    """DPO family (``loss_type``: a key of ``losses.PAIR_LOSSES``, TRL's names).
+    """DPO family: TRL's ``loss_type`` names (keys of ``losses.PAIR_LOSSES``).
 
-    ``label_smoothing``: cDPO / robust DPO's eps (only for losses that use it).
-    ``rpo_alpha``: weight of an added chosen-response NLL term (TRL's RPO; 0 = plain DPO).
+    ``loss_type`` may be a list, combined as TRL combines it: sum_k w_k * mean(loss_k)
+    with ``loss_weights`` w (default all 1). ``label_smoothing``: eps of cDPO (sigmoid),
+    robust, exo_pair (> 0 required) and aot; ``discopop_tau``: DiscoPOP's temperature.
+    ``rpo_alpha``: TRL's older name for RPO, an added "sft" term of weight rpo_alpha
+    (sigmoid + sft); 0 = none.
     """
 
     kind: Literal["dpo"]
     batch_kinds: ClassVar[tuple[str, ...]] = (PAIR, SCORE_PAIR)
-    loss_type: str = "sigmoid"
+    loss_type: str | list[str] = "sigmoid"
+    loss_weights: list[float] | None = None
     label_smoothing: float = Field(0.0, ge=0, lt=0.5)
+    discopop_tau: float = Field(DISCOPOP_TAU, gt=0)
     rpo_alpha: float = Field(0.0, ge=0)
 
     @model_validator(mode="after")
     def _loss_options(self) -> DpoStage:
-        if self.loss_type not in PAIR_LOSSES:
+        types = self.loss_types
+        unknown = [t for t in types if t not in PAIR_LOSSES]
+        if not types or unknown:
             raise ValueError(
-                f"loss_type: unknown {self.loss_type!r}; valid: {', '.join(PAIR_LOSSES)}"
+                f"loss_type: unknown {unknown[0] if unknown else '[]'!r}; valid: "
+                f"{', '.join(PAIR_LOSSES)}"
             )
-        if self.label_smoothing and not PAIR_LOSSES[self.loss_type].uses_label_smoothing:
+        if self.loss_weights is not None and len(self.loss_weights) != len(types):
+            raise ValueError(
+                f"loss_weights: {len(self.loss_weights)} weights for {len(types)} loss types "
+                f"({', '.join(types)}); give one weight per loss type"
+            )
+        losses = [PAIR_LOSSES[t] for t in types]
+        if self.label_smoothing and not any(loss.uses_label_smoothing for loss in losses):
             raise ValueError(
                 f"label_smoothing {self.label_smoothing} is ignored by loss_type "
-                f"'{self.loss_type}'; set it to 0 or use a loss that smooths labels"
+                f"'{', '.join(types)}'; set it to 0 or use a loss that smooths labels"
             )
+        if not self.label_smoothing and any(loss.requires_label_smoothing for loss in losses):
+            raise ValueError("loss_type exo_pair needs label_smoothing > 0 (the EXO paper: 1e-3)")
+        if "discopop_tau" in self.model_fields_set and "discopop" not in types:
+            raise ValueError("discopop_tau is read only by loss_type 'discopop'")
+        if self.rpo_alpha and "sft" in types:
+            raise ValueError(
+                "rpo_alpha adds an 'sft' term and loss_type already has one: give its weight "
+                "in loss_weights instead"
+            )
+        return self
+
+    @property
+    def loss_types(self) -> list[str]:
+        return [self.loss_type] if isinstance(self.loss_type, str) else list(self.loss_type)
+
+    def loss_terms(self) -> list[tuple[str, float]]:
+        """(loss type, weight) pairs of the objective, rpo_alpha as an "sft" term."""
+        weights = self.loss_weights or [1.0] * len(self.loss_types)
+        terms = list(zip(self.loss_types, weights, strict=True))
+        return terms + ([("sft", self.rpo_alpha)] if self.rpo_alpha else [])
+
+
+SAFEDPO_MARGIN = 5.0
+"""Our default SafeDPO Delta (the paper's default was not available to us). Delta is the
+penalty, in implicit-reward units (beta x log-ratio), that an unsafe answer pays: a pair
+whose rejected answer is unsafe must be won by beta d > Delta before its gradient fades,
+i.e. the safe answer is preferred with Bradley-Terry probability sigmoid(5) = 0.993 even
+when the unsafe one was more helpful; at the start (beta d = 0) such a pair has gradient
+weight 0.993 against 0.5 for a safe-safe pair. On the bundled task (README) Delta in
+{0, 1, 2, 3, 5, 10} all gave >= 94% harmless answers and 5 and 10 the most helpful ones;
+5 stays clear of the very large margins that push log-probs of whole answers far down."""
+
+
+class SafeDpoStage(ReferencedStage):
+    """SafeDPO (Kim et al. 2025): -log sigmoid(beta d - (h_r - h_c) * safety_margin) on
+    helpfulness pairs reordered by safety (h = 1: unsafe; the ``pku_safedpo`` adapter).
+    ``safety_margin``: Delta; 0 is DPO on the reordered, filtered pairs."""
+
+    kind: Literal["safedpo"]
+    batch_kinds: ClassVar[tuple[str, ...]] = (PAIR,)
+    safety_margin: float = Field(SAFEDPO_MARGIN, ge=0)
+
+    @model_validator(mode="after")
+    def _safety_labelled(self) -> SafeDpoStage:
+        for key in ("data", "eval_data"):
+            spec = getattr(self, key)
+            if spec is not None and not ADAPTERS[spec.adapter].safety_labels:
+                labelled = [name for name, a in ADAPTERS.items() if a.safety_labels]
+                raise ValueError(
+                    f"a safedpo stage needs safety-labelled pairs: {key}.adapter "
+                    f"'{spec.adapter}' has no safety labels; use {' or '.join(labelled)}"
+                )
         return self
 
 
 class KtoStage(ReferencedStage):
     """KTO with ``desirable_weight`` / ``undesirable_weight`` (``balanced`` =
-    n_desirable / n_undesirable, SACPO's KTO(S))."""
+    n_desirable / n_undesirable, SACPO's KTO(S)).
+
+    ``sampling``: "shuffle" (every row once per epoch) or "interleave", the batches of
+    the TRL versions SACPO used: desirable and undesirable rows alternate, the smaller
+    class repeated until the larger one is used up, so an epoch is 2 max(n_d, n_u) rows
+    and each batch is half desirable.
+    """
 
     kind: Literal["kto"]
     batch_kinds: ClassVar[tuple[str, ...]] = (UNPAIRED,)
     desirable_weight: float = Field(1.0, gt=0)
     undesirable_weight: float | Literal["balanced"] = 1.0
+    sampling: Literal["shuffle", "interleave"] = "shuffle"
 
     @field_validator("undesirable_weight")
     @classmethod
@@ -331,6 +409,35 @@ class KtoStage(ReferencedStage):
         if not isinstance(weight, str) and weight <= 0:
             raise ValueError("undesirable_weight must be > 0 or 'balanced'")
         return weight
+
+    @property
+    def interleave_labels(self) -> bool:
+        return self.sampling == "interleave"
+
+
+class SimpoStage(SupervisedStage):
+    """SimPO (Meng et al. 2024), reference-free: -log sigmoid(beta (avg_c - avg_r) - gamma)
+    on token-averaged policy log-probs, plus ``cpo_alpha`` x the chosen NLL (TRL's CPO
+    trainer; 0 = pure SimPO). No reference model is run. Defaults are the SimPO authors'
+    (beta 2.0, simpo_gamma = 0.25 beta); TRL's CPOTrainer defaults are beta 0.1,
+    cpo_alpha 1.0. ``label_smoothing``: eps of the smoothed sigmoid, as in TRL."""
+
+    kind: Literal["simpo"]
+    batch_kinds: ClassVar[tuple[str, ...]] = (PAIR, SCORE_PAIR)
+    beta: float = Field(2.0, gt=0)
+    simpo_gamma: float = Field(0.5, ge=0)
+    cpo_alpha: float = Field(0.0, ge=0)
+    label_smoothing: float = Field(0.0, ge=0, lt=0.5)
+
+
+class OrpoStage(SupervisedStage):
+    """ORPO (Hong et al. 2024), reference-free: NLL(chosen) - beta * log sigmoid(log odds
+    ratio of the token-averaged log-probs); ``beta`` is the paper's lambda (TRL's name and
+    default 0.1). No reference model is run."""
+
+    kind: Literal["orpo"]
+    batch_kinds: ClassVar[tuple[str, ...]] = (PAIR, SCORE_PAIR)
+    beta: float = Field(0.1, gt=0)
 
 
 class MergeStage(StageBase):
@@ -519,10 +626,13 @@ class CaidStage(TrainedStage):
 
 
 STAGE_TYPES = (SftStage, DpoStage, KtoStage, RewardStage, CostStage, MergeStage, EvaluateStage)
-STAGE_TYPES += (CaidStage,)
+STAGE_TYPES += (CaidStage, SafeDpoStage, SimpoStage, OrpoStage)
 Stage = Annotated[
     SftStage
     | DpoStage
+    | SafeDpoStage
+    | SimpoStage
+    | OrpoStage
     | KtoStage
     | RewardStage
     | CostStage

@@ -3,12 +3,12 @@
 Every function here is plain `jax.numpy`, safe under `jax.jit`, and takes
 its coefficients (beta, label smoothing, KTO weights) as ordinary values
 that may be traced JAX scalars: changing them never recompiles. Only the
-DPO `loss_type` is static: a key of ``PAIR_LOSSES``.
+DPO `loss_type` (a key of ``PAIR_LOSSES``, or a list of keys) is static.
 
 Notation, per example in a batch of B:
   pi_c, pi_r   summed completion log-probs of the chosen / rejected answer
                under the policy; ref_c, ref_r under the reference.
-  delta        (pi_c - ref_c) - (pi_r - ref_r)
+  delta, d     (pi_c - ref_c) - (pi_r - ref_r); dw = pi_c - ref_c, dl = pi_r - ref_r
   beta         the KL coefficient (in SACPO's realignment stage, beta/lambda)
 
 Metric names follow TRL ("rewards/chosen", "logps/chosen", ...).
@@ -16,7 +16,7 @@ Metric names follow TRL ("rewards/chosen", "logps/chosen", ...).
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
@@ -60,21 +60,42 @@ class PairLogps(NamedTuple):
 class PairLoss:
     """One DPO-family loss: ``loss(pairs: PairLogps, coeffs) -> [B]`` per-pair losses.
 
-    ``coeffs`` carries ``beta`` and, where ``uses_label_smoothing``, ``label_smoothing``
-    (traced scalars). ``needs_lengths``: the loss reads the completion token counts.
+    ``coeffs`` carries ``beta`` and whatever else the loss reads (``label_smoothing``,
+    ``discopop_tau``, ``simpo_gamma``), as traced scalars.
+    ``uses_label_smoothing``: the loss reads eps; ``requires_label_smoothing``: it is
+    undefined at eps = 0 (exo_pair). ``needs_lengths``: it reads the completion token
+    counts. ``needs_reference``: it reads the reference log-probs (False: reference-free,
+    no reference model is run for it).
     """
 
     loss: Callable[[PairLogps, Any], jax.Array]
     uses_label_smoothing: bool = False
     needs_lengths: bool = False
+    needs_reference: bool = True
+    requires_label_smoothing: bool = False
+
+
+def _smoothed(z: jax.Array, eps) -> jax.Array:
+    """-(1 - eps) log sigmoid(z) - eps log sigmoid(-z)."""
+    return -(1.0 - eps) * jax.nn.log_sigmoid(z) - eps * jax.nn.log_sigmoid(-z)
+
+
+def _per_token(logps: jax.Array, lengths: jax.Array) -> jax.Array:
+    """Summed log-probs divided by their token counts (counts below 1 taken as 1)."""
+    return logps / jnp.maximum(lengths, 1)
+
+
+def _length_normalised_delta(p: PairLogps) -> jax.Array:
+    """d_avg = (pi_c - ref_c)/|y_c| - (pi_r - ref_r)/|y_r|."""
+    return _per_token(p.chosen_logratios, p.chosen_lengths) - _per_token(
+        p.rejected_logratios, p.rejected_lengths
+    )
 
 
 def _sigmoid(p: PairLogps, c) -> jax.Array:
-    """-(1 - eps) log sigmoid(beta d) - eps log sigmoid(-beta d) (eps > 0: cDPO)."""
-    z = c.beta * p.delta
-    return -(1.0 - c.label_smoothing) * jax.nn.log_sigmoid(z) - c.label_smoothing * (
-        jax.nn.log_sigmoid(-z)
-    )
+    """-(1 - eps) log sigmoid(beta d) - eps log sigmoid(-beta d). eps = 0 is DPO and TRL's
+    "sigmoid"; eps > 0 is conservative DPO (cDPO), which TRL 1.x no longer offers."""
+    return _smoothed(c.beta * p.delta, c.label_smoothing)
 
 
 def _robust(p: PairLogps, c) -> jax.Array:
@@ -90,10 +111,95 @@ def _hinge(p: PairLogps, c) -> jax.Array:
 
 def _ipo(p: PairLogps, c) -> jax.Array:
     """(d_avg - 1/(2 beta))^2, each log-ratio divided by its completion's token count."""
-    chosen_tokens = jnp.maximum(p.chosen_lengths, 1)
-    rejected_tokens = jnp.maximum(p.rejected_lengths, 1)
-    delta_avg = p.chosen_logratios / chosen_tokens - p.rejected_logratios / rejected_tokens
-    return (delta_avg - 1.0 / (2.0 * c.beta)) ** 2
+    return (_length_normalised_delta(p) - 1.0 / (2.0 * c.beta)) ** 2
+
+
+def _exo_pair(p: PairLogps, c) -> jax.Array:
+    """EXO-pref: KL(q || (1 - eps, eps)) with q = sigmoid(beta d):
+    q (log q - log(1 - eps)) + (1 - q) (log(1 - q) - log eps), eps > 0."""
+    z, eps = c.beta * p.delta, c.label_smoothing
+    q = jax.nn.sigmoid(z)
+    return q * (jax.nn.log_sigmoid(z) - jnp.log1p(-eps)) + (1.0 - q) * (
+        jax.nn.log_sigmoid(-z) - jnp.log(eps)
+    )
+
+
+def _nca_pair(p: PairLogps, c) -> jax.Array:
+    """NCA: -log sigmoid(beta dw) - 1/2 log sigmoid(-beta dw) - 1/2 log sigmoid(-beta dl),
+    dw = pi_c - ref_c and dl = pi_r - ref_r."""
+    chosen, rejected = c.beta * p.chosen_logratios, c.beta * p.rejected_logratios
+    return (
+        -jax.nn.log_sigmoid(chosen)
+        - 0.5 * jax.nn.log_sigmoid(-chosen)
+        - 0.5 * jax.nn.log_sigmoid(-rejected)
+    )
+
+
+def _bco_pair(p: PairLogps, c) -> jax.Array:
+    """BCO on pairs: -log sigmoid(beta dw) - log sigmoid(-beta dl) (TRL 1.x: no running
+    reward mean subtracted)."""
+    return -jax.nn.log_sigmoid(c.beta * p.chosen_logratios) - jax.nn.log_sigmoid(
+        -c.beta * p.rejected_logratios
+    )
+
+
+def _sppo_hard(p: PairLogps, c) -> jax.Array:
+    """SPPO with hard labels: (dw - 1/(2 beta))^2 + (dl + 1/(2 beta))^2."""
+    half = 0.5 / c.beta
+    return (p.chosen_logratios - half) ** 2 + (p.rejected_logratios + half) ** 2
+
+
+def _aot(p: PairLogps, c) -> jax.Array:
+    """AOT (paired): delta = sort_batch(pi_c - pi_r) - sort_batch(ref_c - ref_r), then the
+    smoothed sigmoid loss of beta delta. A function of the whole batch (the i-th loss pairs
+    the i-th smallest policy and reference margins)."""
+    delta = jnp.sort(p.policy_chosen - p.policy_rejected) - jnp.sort(
+        p.reference_chosen - p.reference_rejected
+    )
+    return _smoothed(c.beta * delta, c.label_smoothing)
+
+
+def _aot_unpaired(p: PairLogps, c) -> jax.Array:
+    """AOT (unpaired): delta = sort_batch(dw) - sort_batch(dl), smoothed sigmoid loss."""
+    delta = jnp.sort(p.chosen_logratios) - jnp.sort(p.rejected_logratios)
+    return _smoothed(c.beta * delta, c.label_smoothing)
+
+
+def _apo_zero(p: PairLogps, c) -> jax.Array:
+    """APO-zero: (1 - sigmoid(beta dw)) + sigmoid(beta dl)."""
+    return jax.nn.sigmoid(-c.beta * p.chosen_logratios) + jax.nn.sigmoid(
+        c.beta * p.rejected_logratios
+    )
+
+
+def _apo_down(p: PairLogps, c) -> jax.Array:
+    """APO-down: sigmoid(beta dw) + (1 - sigmoid(beta d))."""
+    return jax.nn.sigmoid(c.beta * p.chosen_logratios) + jax.nn.sigmoid(-c.beta * p.delta)
+
+
+def _discopop(p: PairLogps, c) -> jax.Array:
+    """DiscoPOP: z = beta d, m = sigmoid(z / tau); (1 - m)(-log sigmoid z) + m e^(-z).
+    m e^(-z) is computed as exp(log sigmoid(z/tau) - z), finite for any margin."""
+    z = c.beta * p.delta
+    logistic = -jax.nn.log_sigmoid(z)
+    exponential = jnp.exp(jax.nn.log_sigmoid(z / c.discopop_tau) - z)
+    return jax.nn.sigmoid(-z / c.discopop_tau) * logistic + exponential
+
+
+def chosen_nll(p: PairLogps) -> jax.Array:
+    """Token-mean NLL of the chosen completions over the whole batch,
+    -sum_i pi_c,i / sum_i |y_c,i|, broadcast to [B] (TRL's "sft" term, RPO's NLL)."""
+    nll = -jnp.sum(p.policy_chosen) / jnp.maximum(jnp.sum(p.chosen_lengths), 1)
+    return jnp.broadcast_to(nll, p.policy_chosen.shape)
+
+
+def _sft(p: PairLogps, c) -> jax.Array:
+    return chosen_nll(p)
+
+
+def _sigmoid_norm(p: PairLogps, c) -> jax.Array:
+    """-log sigmoid(beta d_avg), log-ratios divided by token counts."""
+    return -jax.nn.log_sigmoid(c.beta * _length_normalised_delta(p))
 
 
 PAIR_LOSSES: dict[str, PairLoss] = {
@@ -101,35 +207,112 @@ PAIR_LOSSES: dict[str, PairLoss] = {
     "robust": PairLoss(_robust, uses_label_smoothing=True),
     "hinge": PairLoss(_hinge),
     "ipo": PairLoss(_ipo, needs_lengths=True),
+    "exo_pair": PairLoss(_exo_pair, uses_label_smoothing=True, requires_label_smoothing=True),
+    "nca_pair": PairLoss(_nca_pair),
+    "bco_pair": PairLoss(_bco_pair),
+    "sppo_hard": PairLoss(_sppo_hard),
+    "aot": PairLoss(_aot, uses_label_smoothing=True),
+    "aot_unpaired": PairLoss(_aot_unpaired, uses_label_smoothing=True),
+    "apo_zero": PairLoss(_apo_zero),
+    "apo_down": PairLoss(_apo_down),
+    "discopop": PairLoss(_discopop),
+    "sft": PairLoss(_sft, needs_lengths=True, needs_reference=False),
+    "sigmoid_norm": PairLoss(_sigmoid_norm, needs_lengths=True),
 }
-"""The DPO family by TRL's ``loss_type`` names: a new loss is its function plus one entry."""
+"""The DPO family by TRL's ``loss_type`` names (TRL 1.x ``DPOTrainer._compute_loss``):
+a new loss is its function plus one entry."""
+
+DISCOPOP_TAU = 0.05
+"""TRL's default ``discopop_tau`` (the DiscoPOP paper's)."""
 
 
-class _DpoCoefficients(NamedTuple):
+# ----------------------------------------------------------------- reference-free losses
+
+
+def _simpo(p: PairLogps, c) -> jax.Array:
+    """SimPO: -(1 - eps) log sigmoid(z) - eps log sigmoid(-z), z = beta (avg_c - avg_r) - gamma,
+    avg = summed policy log-prob / token count (no reference)."""
+    margin = _per_token(p.policy_chosen, p.chosen_lengths) - _per_token(
+        p.policy_rejected, p.rejected_lengths
+    )
+    return _smoothed(c.beta * margin - c.simpo_gamma, c.label_smoothing)
+
+
+def _log1mexp(x: jax.Array) -> jax.Array:
+    """log(1 - e^x) for x < 0, accurate on both sides of -log 2."""
+    return jnp.where(x > -jnp.log(2.0), jnp.log(-jnp.expm1(x)), jnp.log1p(-jnp.exp(x)))
+
+
+def orpo_log_odds(p: PairLogps) -> jax.Array:
+    """ORPO's log odds ratio of the token-averaged policy log-probs lc, lr:
+    (lc - lr) - (log(1 - e^lc) - log(1 - e^lr))."""
+    chosen = _per_token(p.policy_chosen, p.chosen_lengths)
+    rejected = _per_token(p.policy_rejected, p.rejected_lengths)
+    return (chosen - rejected) - (_log1mexp(chosen) - _log1mexp(rejected))
+
+
+def _orpo(p: PairLogps, c) -> jax.Array:
+    """ORPO's odds-ratio term -beta log sigmoid(log odds) (beta: the paper's lambda)."""
+    return -c.beta * jax.nn.log_sigmoid(orpo_log_odds(p))
+
+
+SIMPO = PairLoss(_simpo, uses_label_smoothing=True, needs_lengths=True, needs_reference=False)
+ORPO = PairLoss(_orpo, needs_lengths=True, needs_reference=False)
+
+
+def safedpo_loss(
+    p: PairLogps, c, chosen_unsafe: ArrayLike, rejected_unsafe: ArrayLike
+) -> jax.Array:
+    """SafeDPO: -log sigmoid(beta d - (h_r - h_c) * margin), h = 1 for an unsafe response.
+
+    ``c.safety_margin`` is SafeDPO's Delta. On pairs reordered by ``pku_safedpo`` the
+    chosen answer is safe (h_c = 0), so a pair with an unsafe rejected answer must win by
+    Delta more: the implicit reward learns r - Delta * h.
+    """
+    gap = jnp.asarray(rejected_unsafe, jnp.float32) - jnp.asarray(chosen_unsafe, jnp.float32)
+    return -jax.nn.log_sigmoid(c.beta * p.delta - gap * c.safety_margin)
+
+
+class PairCoefficients(NamedTuple):
+    """The coefficients the DPO family reads (an objective's may hold more)."""
+
     beta: ArrayLike
     label_smoothing: ArrayLike
+    discopop_tau: ArrayLike
 
 
-def _check_dpo_arguments(loss_type: str, label_smoothing, chosen_lengths, rejected_lengths):
+def _check_dpo_arguments(
+    loss_types: tuple[str, ...], loss_weights, label_smoothing, chosen_lengths, rejected_lengths
+):
     """Reject bad static choices early; traced coefficients cannot be checked."""
-    if loss_type not in PAIR_LOSSES:
+    for loss_type in loss_types:
+        if loss_type not in PAIR_LOSSES:
+            raise LossConfigError(
+                f"unknown DPO loss_type {loss_type!r}; valid names: {', '.join(PAIR_LOSSES)}"
+            )
+    if loss_weights is not None and len(loss_weights) != len(loss_types):
         raise LossConfigError(
-            f"unknown DPO loss_type {loss_type!r}; valid names: {', '.join(PAIR_LOSSES)}"
+            f"loss_weights has {len(loss_weights)} values for {len(loss_types)} loss types"
         )
-    pair_loss = PAIR_LOSSES[loss_type]
-    if pair_loss.needs_lengths and (chosen_lengths is None or rejected_lengths is None):
+    chosen = [PAIR_LOSSES[t] for t in loss_types]
+    if any(loss.needs_lengths for loss in chosen) and (
+        chosen_lengths is None or rejected_lengths is None
+    ):
+        names = ", ".join(repr(t) for t in loss_types if PAIR_LOSSES[t].needs_lengths)
         raise LossConfigError(
-            f"DPO loss_type {loss_type!r} is length-normalised: pass chosen_lengths and "
-            "rejected_lengths"
+            f"DPO loss_type {names} is length-normalised: pass chosen_lengths and rejected_lengths"
         )
     if isinstance(label_smoothing, (int, float)):
-        if not pair_loss.uses_label_smoothing and label_smoothing != 0:
+        if not any(loss.uses_label_smoothing for loss in chosen) and label_smoothing != 0:
             users = [name for name, loss in PAIR_LOSSES.items() if loss.uses_label_smoothing]
             raise LossConfigError(
-                f"label_smoothing applies only to {', '.join(map(repr, users))}, not {loss_type!r}"
+                f"label_smoothing applies only to {', '.join(map(repr, users))}, not "
+                f"{', '.join(map(repr, loss_types))}"
             )
         if not 0.0 <= label_smoothing < 0.5:
             raise LossConfigError(f"label_smoothing must lie in [0, 0.5), got {label_smoothing}")
+        if any(loss.requires_label_smoothing for loss in chosen) and label_smoothing == 0:
+            raise LossConfigError("loss_type 'exo_pair' needs label_smoothing > 0 (EXO: 1e-3)")
 
 
 def dpo_loss(
@@ -139,29 +322,32 @@ def dpo_loss(
     reference_rejected_logps: ArrayLike,
     *,
     beta: ArrayLike,
-    loss_type: str = "sigmoid",
+    loss_type: str | Sequence[str] = "sigmoid",
+    loss_weights: Sequence[ArrayLike] | None = None,
     label_smoothing: ArrayLike = 0.0,
+    discopop_tau: ArrayLike = DISCOPOP_TAU,
     chosen_lengths: ArrayLike | None = None,
     rejected_lengths: ArrayLike | None = None,
 ) -> tuple[jax.Array, jax.Array, jax.Array]:
     """Per-pair DPO-family losses and the implicit rewards, as TRL defines them.
 
-    With delta = (pi_c - ref_c) - (pi_r - ref_r) and eps = label_smoothing:
+    ``loss_type`` is a name of ``PAIR_LOSSES`` or a list of names; a list is combined as
+    TRL combines it: loss_i = sum_k w_k * loss_k,i with ``loss_weights`` w (default all 1),
+    so the batch mean is sum_k w_k * mean(loss_k). With d = (pi_c - ref_c) - (pi_r - ref_r)
+    and eps = label_smoothing, e.g.:
 
-      "sigmoid": -(1 - eps) * log sigmoid(beta*delta) - eps * log sigmoid(-beta*delta)
-                 (eps = 0 is DPO; eps > 0 is conservative DPO, cDPO, as in TRL:
-                 there is no separate "cdpo" name)
-      "robust":  [-(1 - eps) * log sigmoid(beta*delta) + eps * log sigmoid(-beta*delta)]
-                 / (1 - 2*eps)
-      "hinge":   relu(1 - beta*delta)
-      "ipo":     (delta_avg - 1/(2*beta))^2, where each of the four log-probs is
-                 first divided by its completion token count (chosen_lengths for
-                 pi_c and ref_c, rejected_lengths for pi_r and ref_r; counts below
-                 1 are treated as 1). Both length arrays are required.
+      "sigmoid": -(1 - eps) * log sigmoid(beta*d) - eps * log sigmoid(-beta*d)
+                 (eps = 0 is DPO; eps > 0 is conservative DPO, cDPO)
+      "robust":  [-(1 - eps) * log sigmoid(beta*d) + eps * log sigmoid(-beta*d)] / (1 - 2*eps)
+      "hinge":   relu(1 - beta*d)
+      "ipo":     (d_avg - 1/(2*beta))^2, each log-ratio divided by its completion's token
+                 count (chosen_lengths / rejected_lengths; counts below 1 count as 1)
 
-    eps must lie in [0, 0.5); it is checked when given as a Python number, and
-    a non-zero Python eps with a loss that ignores it is an error (a traced eps is
-    simply unused there).
+    and the others of ``PAIR_LOSSES`` (each function's docstring states its formula).
+    Length-normalised losses (ipo, sigmoid_norm, sft) need both length arrays.
+
+    eps must lie in [0, 0.5); it is checked when given as a Python number, and a non-zero
+    Python eps with losses that all ignore it is an error (a traced eps is simply unused).
 
     Implicit rewards (always on un-normalised log-probs, like TRL, and with
     no gradient: they are for logging):
@@ -169,7 +355,10 @@ def dpo_loss(
 
     Returns (losses, chosen_rewards, rejected_rewards), each of shape [B].
     """
-    _check_dpo_arguments(loss_type, label_smoothing, chosen_lengths, rejected_lengths)
+    loss_types = (loss_type,) if isinstance(loss_type, str) else tuple(loss_type)
+    _check_dpo_arguments(
+        loss_types, loss_weights, label_smoothing, chosen_lengths, rejected_lengths
+    )
     pairs = PairLogps(
         *(
             jnp.asarray(x)
@@ -183,9 +372,21 @@ def dpo_loss(
         chosen_lengths=None if chosen_lengths is None else jnp.asarray(chosen_lengths),
         rejected_lengths=None if rejected_lengths is None else jnp.asarray(rejected_lengths),
     )
-    losses = PAIR_LOSSES[loss_type].loss(pairs, _DpoCoefficients(beta, label_smoothing))
+    coeffs = PairCoefficients(beta, label_smoothing, discopop_tau)
+    weights = loss_weights if loss_weights is not None else (1.0,) * len(loss_types)
+    losses = combined_pair_loss(pairs, coeffs, loss_types, weights)
     chosen_rewards, rejected_rewards = implicit_rewards(pairs, beta)
     return losses, chosen_rewards, rejected_rewards
+
+
+def combined_pair_loss(
+    pairs: PairLogps, coeffs, loss_types: Sequence[str], loss_weights: Sequence[ArrayLike]
+) -> jax.Array:
+    """sum_k loss_weights[k] * PAIR_LOSSES[loss_types[k]](pairs, coeffs), per pair ([B])."""
+    total = 0.0
+    for name, weight in zip(loss_types, loss_weights, strict=True):
+        total = total + weight * PAIR_LOSSES[name].loss(pairs, coeffs)
+    return total
 
 
 def implicit_rewards(pairs: PairLogps, beta: ArrayLike) -> tuple[jax.Array, jax.Array]:

@@ -81,7 +81,53 @@ def test_a_valid_chain_loads(tmp_path):
         ),
         (
             {"name": "d", "kind": "dpo", "data": PAIRS, "loss_type": "cdpo"},
-            "loss_type: unknown 'cdpo'; valid: sigmoid, robust, hinge, ipo",
+            "loss_type: unknown 'cdpo'; valid: sigmoid, robust, hinge, ipo, exo_pair, nca_pair, "
+            "bco_pair, sppo_hard, aot, aot_unpaired, apo_zero, apo_down, discopop, sft, "
+            "sigmoid_norm",
+        ),
+        (
+            {"name": "d", "kind": "dpo", "data": PAIRS, "loss_type": ["sigmoid", "ipoo"]},
+            "loss_type: unknown 'ipoo'; valid: sigmoid,",
+        ),
+        (
+            {
+                "name": "d",
+                "kind": "dpo",
+                "data": PAIRS,
+                "loss_type": ["sigmoid", "sft"],
+                "loss_weights": [1.0, 0.2, 0.5],
+            },
+            "loss_weights: 3 weights for 2 loss types (sigmoid, sft); give one weight per loss",
+        ),
+        (
+            {"name": "d", "kind": "dpo", "data": PAIRS, "loss_weights": [1.0, 0.2]},
+            "loss_weights: 2 weights for 1 loss types (sigmoid)",
+        ),
+        (
+            {"name": "d", "kind": "dpo", "data": PAIRS, "loss_type": "exo_pair"},
+            "loss_type exo_pair needs label_smoothing > 0",
+        ),
+        (
+            {"name": "d", "kind": "dpo", "data": PAIRS, "discopop_tau": 0.1},
+            "discopop_tau is read only by loss_type 'discopop'",
+        ),
+        (
+            {
+                "name": "d",
+                "kind": "dpo",
+                "data": PAIRS,
+                "loss_type": ["sigmoid", "sft"],
+                "rpo_alpha": 0.5,
+            },
+            "rpo_alpha adds an 'sft' term and loss_type already has one",
+        ),
+        (
+            {"name": "s", "kind": "simpo", "data": PAIRS, "reference": "start"},
+            "unknown key 'stages.0.reference'",
+        ),
+        (
+            {"name": "k", "kind": "kto", "data": UNPAIRED, "sampling": "balanced"},
+            "stages.0.sampling: Input should be 'shuffle' or 'interleave'",
         ),
         # Adapters that do not make the rows the kind trains on.
         (

@@ -8,7 +8,7 @@ from jax.sharding import PartitionSpec as P
 
 from sacpo_jax import parallel
 from sacpo_jax.data.dataset import Ragged, TokenizedDataset
-from sacpo_jax.data.loader import BatchLoader, bucket_length, kl_partners
+from sacpo_jax.data.loader import BatchLoader, bucket_length, interleave_classes, kl_partners
 
 N = 24
 PAD = 0
@@ -211,3 +211,57 @@ def test_invalid_loader_settings_are_refused():
         loader(grad_accum=3)
     with pytest.raises(ValueError, match="shorter than the longest example"):
         loader(buckets=(8,))
+
+
+def unbalanced_kto(n_desirable: int = 7, n_undesirable: int = 3) -> TokenizedDataset:
+    """Unpaired rows: the first ``n_desirable`` desirable, then the undesirable ones."""
+    dataset = make_dataset("unpaired", n_desirable + n_undesirable)
+    labels = np.arange(len(dataset)) < n_desirable
+    return dataset.add_column("label", labels.astype(np.int64))
+
+
+def test_interleaving_is_datasets_all_exhausted_interleave():
+    """TRL's KTOTrainer (the versions SACPO ran) built its epoch with
+    datasets.interleave_datasets([desirable, undesirable], stopping_strategy="all_exhausted")."""
+    from datasets import Dataset, interleave_datasets
+
+    desirable, undesirable = np.array([5, 9, 2, 7, 0, 4, 8]), np.array([3, 1, 6])
+    parts = [Dataset.from_dict({"i": part.tolist()}) for part in (desirable, undesirable)]
+    theirs = interleave_datasets(parts, stopping_strategy="all_exhausted")["i"]
+    assert interleave_classes(desirable, undesirable).tolist() == theirs
+    # and the other way round (more undesirable than desirable)
+    parts.reverse()
+    theirs = interleave_datasets(parts, stopping_strategy="all_exhausted")["i"]
+    assert interleave_classes(undesirable, desirable).tolist() == theirs
+
+
+@pytest.mark.parametrize(
+    ("batch_size", "steps", "desirable_per_batch"),
+    [
+        # 7 desirable, 3 undesirable: an epoch of 2 * 7 = 14 rows alternating d, u, d, u ...
+        (4, 3, [2, 2, 2]),  # 14 // 4 = 3 full batches of d u d u
+        (5, 2, [3, 2]),  # 14 // 5 = 2: d u d u d | u d u d u
+        (2, 7, [1] * 7),
+    ],
+)
+def test_interleaved_kto_epoch_length_and_desirable_share(batch_size, steps, desirable_per_batch):
+    dataset = unbalanced_kto()
+    loader_ = loader(dataset, global_batch_size=batch_size, interleave_labels=True)
+    assert loader_.epoch_size == 14 and loader_.steps_per_epoch == steps
+    labels = dataset.columns["label"]
+    for epoch in range(2):
+        batches = [loader_.batch(epoch * steps + s) for s in range(steps)]
+        assert [int(b["label"].sum()) for b in batches] == desirable_per_batch
+        order = loader_.epoch_order(epoch)
+        # Every desirable row once; the 3 undesirable rows cycled over 7 slots: 3, 2, 2 times.
+        assert sorted(order[0::2].tolist()) == list(range(7))
+        counts = np.bincount(order[1::2], minlength=10)[7:]
+        assert sorted(counts.tolist()) == [2, 2, 3]
+        assert (labels[order] == np.tile([1, 0], 7)).all()
+    assert not np.array_equal(loader_.epoch_order(0), loader_.epoch_order(1))  # reshuffled
+
+
+def test_interleaving_needs_both_classes():
+    dataset = make_dataset("unpaired", 6).add_column("label", np.ones(6, np.int64))
+    with pytest.raises(ValueError, match="got 6 desirable and 0 undesirable"):
+        loader(dataset, global_batch_size=2, interleave_labels=True)

@@ -5,6 +5,7 @@ and §5 (and TRL's definitions), never by calling the function under test.
 """
 
 import math
+import types
 
 import jax
 import jax.numpy as jnp
@@ -388,3 +389,46 @@ def test_score_model_accuracies():
     signs = np.array([1, -1, -1, 1, 0])
     assert float(losses.cost_sign_accuracy(costs, signs)) == pytest.approx(0.75)
     assert math.isnan(float(losses.cost_sign_accuracy(costs, np.zeros(5, np.int32))))
+
+
+# ---------------------------------------------------------------- reference-free and SafeDPO
+
+# Pair 0: chosen -6 over 3 tokens (avg -2), rejected -8 over 2 (avg -4).
+# Pair 1: chosen -9 over 3 (avg -3), rejected -4 over 4 (avg -1).
+FREE = losses.PairLogps(
+    *(jnp.asarray(x) for x in ([-6.0, -9.0], [-8.0, -4.0], [0, 0], [0, 0], [3, 3], [2, 4]))
+)
+
+
+def test_simpo_is_the_papers_length_normalised_margin_loss():
+    """SimPO (Meng et al. 2024, eq. 6): -log sigmoid(beta/|y_w| log pi(y_w) -
+    beta/|y_l| log pi(y_l) - gamma)."""
+    coeffs = types.SimpleNamespace(beta=2.0, simpo_gamma=0.5, label_smoothing=0.0)
+    got = losses.SIMPO.loss(FREE, coeffs)
+    # pair 0: 2 * (-2 + 4) - 0.5 = 3.5 ; pair 1: 2 * (-3 + 1) - 0.5 = -4.5
+    np.testing.assert_allclose(got, [softplus(-3.5), softplus(4.5)], rtol=1e-6)
+    assert not losses.SIMPO.needs_reference
+
+
+def test_orpo_is_the_papers_odds_ratio_loss_plus_nll():
+    """ORPO (Hong et al. 2024, eqs. 4-7) with P = exp(mean token log-prob):
+    odds = P / (1 - P); L = L_SFT + lambda * -log sigmoid(log(odds_w / odds_l))."""
+    lam = 0.1
+    got = losses.ORPO.loss(FREE, types.SimpleNamespace(beta=lam)) + losses.chosen_nll(FREE)
+    nll = (6.0 + 9.0) / 6.0  # chosen tokens over the batch: 15 nats over 6 tokens
+    want = []
+    for avg_w, avg_l in ((-2.0, -4.0), (-3.0, -1.0)):
+        p_w, p_l = math.exp(avg_w), math.exp(avg_l)
+        log_odds_ratio = math.log((p_w / (1 - p_w)) / (p_l / (1 - p_l)))
+        want.append(nll + lam * softplus(-log_odds_ratio))
+    np.testing.assert_allclose(got, want, rtol=1e-6)
+    assert not losses.ORPO.needs_reference
+
+
+def test_safedpo_margin_applies_only_against_unsafe_rejected_answers():
+    """-log sigmoid(beta d - (h_r - h_c) Delta): pair 0 both safe, pair 1 rejected unsafe."""
+    pairs = losses.PairLogps(*(jnp.asarray(x) for x in (PI_C, PI_R, REF_C, REF_R, [1, 1], [1, 1])))
+    coeffs = types.SimpleNamespace(beta=BETA, safety_margin=2.0)
+    got = losses.safedpo_loss(pairs, coeffs, [0, 0], [0, 1])
+    # beta d = 0.15 and -0.15; pair 1 must clear the margin 2 as well
+    np.testing.assert_allclose(got, [softplus(-0.15), softplus(0.15 + 2.0)], rtol=1e-6)

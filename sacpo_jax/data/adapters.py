@@ -18,6 +18,11 @@ Layouts (field names; ``DataSpec.columns`` can rename them):
   - ``pku_reward``: score pair, chosen = better, rejected = worse, signs 0.
   - ``pku_cost``: score pair, chosen = safer, rejected = unsafer, with signs
     s = +1 unsafe, -1 safe (contradictory rows refused as for pku_harmless).
+  - ``pku_safedpo``: SafeDPO's pairs (Kim et al. 2025): the helpfulness pair
+    (chosen = better) reordered by the safety labels, with columns chosen_unsafe,
+    rejected_unsafe (1 = unsafe). better safe: kept; better unsafe and the other
+    safe: swapped, so the safe answer is chosen; both unsafe: dropped (counted as
+    ``both_unsafe`` in the skip report). So the chosen answer is always safe.
 - ``hh_rlhf``: Anthropic HH-RLHF, chosen and rejected whole transcripts; the
   prompt is their common prefix cut back to the end of its last
   "\\n\\nAssistant:"; each completion is the rest of its transcript.
@@ -50,7 +55,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from sacpo_jax.data import errors
-from sacpo_jax.data.errors import BadRow
+from sacpo_jax.data.errors import BadRow, DroppedRow
 from sacpo_jax.data.prompts import PKU_TEMPLATE, chat_conversation, chat_prompt
 
 HH_ASSISTANT = "\n\nAssistant:"
@@ -86,12 +91,14 @@ class Adapter:
 
     ``conversational``: examples are texts rendered by the tokenizer's chat template
     (which the tokenizer must have), tokenised as the template renders them.
+    ``safety_labels``: its pairs carry ``chosen_unsafe`` / ``rejected_unsafe`` columns.
     """
 
     kind: str
     convert: Callable[[Mapping[str, Any], AdapterContext], list[Example]]
     default_template: str | None = None
     conversational: bool = False
+    safety_labels: bool = False  # pairs carry chosen_unsafe / rejected_unsafe (SafeDPO)
 
 
 # ---------------------------------------------------------------- field readers
@@ -210,6 +217,19 @@ def _pku_cost(row, ctx):
     unsafer = 1 - safer
     signs = {"chosen_sign": -1 if safe[safer] else 1, "rejected_sign": -1 if safe[unsafer] else 1}
     return [Example(prompt, (responses[safer], responses[unsafer]), signs)]
+
+
+def _pku_safedpo(row, ctx):
+    prompt, *responses = _prompt_and_responses(row, ctx)
+    _distinct(*responses, "response_1")
+    better = _binary(row, ctx, "better_response_id", allow_bool=False)
+    safe = (_flag(row, ctx, "is_response_0_safe"), _flag(row, ctx, "is_response_1_safe"))
+    if not (safe[0] or safe[1]):
+        raise DroppedRow(errors.BOTH_UNSAFE)
+    chosen = better if safe[better] else 1 - better
+    rejected = 1 - chosen
+    unsafe = {"chosen_unsafe": 0, "rejected_unsafe": int(not safe[rejected])}
+    return [Example(prompt, (responses[chosen], responses[rejected]), unsafe)]
 
 
 # ---------------------------------------------------------------- HH-RLHF
@@ -333,6 +353,7 @@ ADAPTERS: dict[str, Adapter] = {
     "pku_kto_helpful": Adapter(UNPAIRED, _pku_kto_helpful, PKU_TEMPLATE),
     "pku_reward": Adapter(SCORE_PAIR, _pku_reward, PKU_TEMPLATE),
     "pku_cost": Adapter(SCORE_PAIR, _pku_cost, PKU_TEMPLATE),
+    "pku_safedpo": Adapter(PAIR, _pku_safedpo, PKU_TEMPLATE, safety_labels=True),
     "hh_rlhf": Adapter(PAIR, _hh_rlhf),
     "pair": Adapter(PAIR, _pair),
     "unpaired": Adapter(UNPAIRED, _unpaired),

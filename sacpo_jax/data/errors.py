@@ -2,7 +2,8 @@
 
 `BadRow` is raised inside the pipeline (by adapters and by the tokenisation
 checks) for one row; the pipeline turns it into a `DataError` (policy
-``error``) or into a count per reason (policy ``skip``). `DataError` is what
+``error``) or into a count per reason (policy ``skip``). `DroppedRow` is a row an
+adapter leaves out by design (not a data error): always counted, never an error. `DataError` is what
 a user sees: its ``str()`` is a single line, and the CLI prints it and exits 2.
 """
 
@@ -23,6 +24,7 @@ MALFORMED = "malformed"
 INVALID_JSON = "invalid_json"
 NOT_AN_OBJECT = "not_an_object"
 NOT_UTF8 = "not_utf8"
+BOTH_UNSAFE = "both_unsafe"  # SafeDPO leaves out pairs whose two answers are both unsafe
 
 
 class DataError(SacpoError, ValueError):
@@ -60,3 +62,12 @@ class BadRow(ValueError):
         self.reason = reason
         self.problem = problem
         super().__init__(f"field '{field}': {problem}")
+
+
+class DroppedRow(Exception):
+    """A valid row that an adapter's method leaves out (e.g. SafeDPO's both-unsafe pairs);
+    counted in the skip report under ``reason`` whatever ``on_bad_row`` says."""
+
+    def __init__(self, reason: str) -> None:
+        self.reason = reason
+        super().__init__(reason)

@@ -4,8 +4,12 @@ Order: epoch e visits the examples in ``permutation(seed, e)`` (or in stored
 order without shuffling). Global step s is batch ``s % steps_per_epoch`` of
 epoch ``s // steps_per_epoch``, so a batch is a pure function of
 (seed, step): resuming at step k gives exactly the batches k, k+1, ... of an
-uninterrupted run. Process p of P takes rows [p*b, (p+1)*b) of each global
-batch of P*b rows, so the processes partition every epoch.
+uninterrupted run. With ``interleave_labels`` (KTO as the TRL versions of the
+SACPO paper fed it) an epoch alternates desirable and undesirable examples, each
+class in its own seeded permutation and the smaller one cycled until the larger
+one is used up (``interleave_classes``): 2 max(n_desirable, n_undesirable) rows.
+Process p of P takes rows [p*b, (p+1)*b) of each global batch of P*b rows, so
+the processes partition every epoch.
 
 Shapes: a batch is padded (right) to the smallest bucket length that fits its
 longest sequence in the *global* batch; every process computes that length
@@ -60,6 +64,22 @@ def _partners_of(dataset: TokenizedDataset, indices: np.ndarray) -> np.ndarray:
     return np.where(indices >= 0, partner[np.maximum(indices, 0)], -1)
 
 
+def interleave_classes(desirable: np.ndarray, undesirable: np.ndarray) -> np.ndarray:
+    """d0, u0, d1, u1, ... until both are used up, the shorter one cycled: 2 max(n_d, n_u)
+    indices (``datasets.interleave_datasets([d, u], stopping_strategy="all_exhausted")``,
+    which TRL's KTOTrainer applied before SACPO's KTO runs)."""
+    if not len(desirable) or not len(undesirable):
+        raise ValueError(
+            f"interleaving needs desirable and undesirable examples; got {len(desirable)} "
+            f"desirable and {len(undesirable)} undesirable"
+        )
+    n = max(len(desirable), len(undesirable))
+    order = np.empty(2 * n, dtype=np.int64)
+    order[0::2] = desirable[np.arange(n) % len(desirable)]
+    order[1::2] = undesirable[np.arange(n) % len(undesirable)]
+    return order
+
+
 def bucket_length(needed: int, buckets: Sequence[int]) -> int:
     """The smallest bucket >= needed, or the largest bucket when none is."""
     fitting = [b for b in sorted(buckets) if b >= needed]
@@ -75,6 +95,7 @@ class BatchLoader:
     Training loaders shuffle and drop the incomplete last batch of an epoch;
     eval loaders (``shuffle=False, drop_remainder=False``) keep every row, or only the
     examples ``rows`` (in that order; KTO's KL partners stay those of the whole dataset).
+    ``interleave_labels``: epochs alternate the dataset's ``label`` classes (module doc).
     """
 
     def __init__(
@@ -91,6 +112,7 @@ class BatchLoader:
         process_count: int = 1,
         grad_accum: int = 1,
         rows: np.ndarray | None = None,
+        interleave_labels: bool = False,
     ) -> None:
         if rows is not None and shuffle:
             raise ValueError("rows selects examples of an unshuffled (eval) loader")
@@ -104,9 +126,18 @@ class BatchLoader:
                 f"per-process batch {self.local_batch_size} is not divisible by "
                 f"grad_accum {grad_accum}"
             )
-        if drop_remainder and len(dataset) < global_batch_size:
+        self.dataset = dataset
+        self.rows = np.arange(len(dataset)) if rows is None else np.asarray(rows, np.int64)
+        self._classes = None
+        if interleave_labels:
+            if "label" not in dataset.columns:
+                raise ValueError("interleave_labels needs a dataset with a 'label' column")
+            labels = dataset.columns["label"].astype(bool)
+            self._classes = (np.flatnonzero(labels), np.flatnonzero(~labels))
+            interleave_classes(*self._classes)  # both classes present
+        if drop_remainder and self.epoch_size < global_batch_size:
             raise ValueError(
-                f"{len(dataset)} examples cannot fill one batch of {global_batch_size}"
+                f"{self.epoch_size} examples cannot fill one batch of {global_batch_size}"
             )
         if dataset.sequence_lengths().max() > max(buckets):
             raise ValueError(
@@ -115,7 +146,6 @@ class BatchLoader:
             )
         if not 0 <= process_index < process_count:
             raise ValueError(f"process_index {process_index} outside [0, {process_count})")
-        self.dataset = dataset
         self.global_batch_size = global_batch_size
         self.buckets = tuple(sorted(buckets))
         self.pad_id = pad_id
@@ -124,19 +154,30 @@ class BatchLoader:
         self.drop_remainder = drop_remainder
         self.process_index = process_index
         self.grad_accum = grad_accum
-        self.rows = np.arange(len(dataset)) if rows is None else np.asarray(rows, np.int64)
         self._lengths = dataset.sequence_lengths()
 
     @property
+    def epoch_size(self) -> int:
+        """Rows per epoch: ``rows``' (the dataset's by default), or 2 max(n_d, n_u) when
+        interleaving labels."""
+        if self._classes is None:
+            return len(self.rows)
+        return 2 * max(len(c) for c in self._classes)
+
+    @property
     def steps_per_epoch(self) -> int:
-        full, rest = divmod(len(self.rows), self.global_batch_size)
+        full, rest = divmod(self.epoch_size, self.global_batch_size)
         return full if self.drop_remainder or not rest else full + 1
 
     def epoch_order(self, epoch: int) -> np.ndarray:
         """The example indices of one epoch, in visiting order."""
+        rng = np.random.default_rng([self.seed, epoch])
+        if self._classes is not None:
+            classes = [rng.permutation(c) if self.shuffle else c for c in self._classes]
+            return interleave_classes(*classes)
         if not self.shuffle:
             return self.rows
-        return np.random.default_rng([self.seed, epoch]).permutation(len(self.dataset))
+        return rng.permutation(len(self.dataset))
 
     def global_indices(self, step: int) -> np.ndarray:
         """Example indices of the global batch at ``step``; -1 marks padding rows (eval)."""

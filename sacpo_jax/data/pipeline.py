@@ -19,7 +19,7 @@ import numpy as np
 from sacpo_jax.data import cache, errors
 from sacpo_jax.data.adapters import ADAPTERS, AdapterContext, Example
 from sacpo_jax.data.dataset import Ragged, TokenizedDataset
-from sacpo_jax.data.errors import BadRow, DataError
+from sacpo_jax.data.errors import BadRow, DataError, DroppedRow
 from sacpo_jax.data.prompts import has_chat_template
 from sacpo_jax.data.sources import read_rows, source_fingerprint, source_label
 from sacpo_jax.data.spec import DataSpec
@@ -99,6 +99,9 @@ def _tokenize_source(
             examples = adapter.convert(row.values, context)
             row_encoded = [encode(example) for example in examples]
             _check_columns(encoded[0][2] if encoded else None, row_encoded)
+        except DroppedRow as dropped:
+            report[dropped.reason] += 1
+            continue
         except BadRow as bad:
             if spec.on_bad_row == "error":
                 raise DataError(

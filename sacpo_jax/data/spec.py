@@ -15,6 +15,7 @@ AdapterName = Literal[
     "pku_kto_helpful",
     "pku_reward",
     "pku_cost",
+    "pku_safedpo",
     "hh_rlhf",
     "pair",
     "unpaired",

@@ -39,9 +39,11 @@ class StageContext:
         train: bool,
         grad_accum: int = 1,
         rows: np.ndarray | None = None,
+        interleave_labels: bool = False,
     ) -> BatchLoader:
         """This process's batches: shuffled and full for training (seeded by ``seed``),
-        every example (or every one of ``rows``) once in stored order otherwise."""
+        every example (or every one of ``rows``) once in stored order otherwise;
+        ``interleave_labels``: see ``BatchLoader``."""
         if train and len(dataset) < batch_size:
             raise DataError(
                 source_label(spec.source),
@@ -60,4 +62,5 @@ class StageContext:
             process_count=jax.process_count(),
             grad_accum=grad_accum,
             rows=rows,
+            interleave_labels=interleave_labels,
         )

@@ -21,14 +21,24 @@ objective builder and one entry here.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 
 from sacpo_jax import losses
-from sacpo_jax.config import CostStage, DpoStage, KtoStage, RewardStage, SftStage, TrainedStage
+from sacpo_jax.config import (
+    CostStage,
+    DpoStage,
+    KtoStage,
+    OrpoStage,
+    RewardStage,
+    SafeDpoStage,
+    SftStage,
+    SimpoStage,
+    TrainedStage,
+)
 from sacpo_jax.data.dataset import TokenizedDataset
 from sacpo_jax.logprobs import completion_logps, pair_logps
 from sacpo_jax.models.llama import Llama
@@ -68,13 +78,38 @@ class Coefficients(NamedTuple):
 
 
 class DpoCoefficients(NamedTuple):
-    """beta: the KL coefficient (beta/lambda in SACPO's realignment); label_smoothing:
-    cDPO / robust eps; rpo_alpha: weight of the chosen-response NLL (TRL's RPO)."""
+    """beta: the KL coefficient (beta/lambda in SACPO's realignment); label_smoothing: eps
+    of the losses that smooth labels; loss_weights: one weight per loss type (TRL's
+    ``loss_weights``); discopop_tau: DiscoPOP's temperature."""
 
     learning_rate: float
     beta: float
     label_smoothing: float = 0.0
-    rpo_alpha: float = 0.0
+    loss_weights: tuple[float, ...] = (1.0,)
+    discopop_tau: float = losses.DISCOPOP_TAU
+
+
+class SafeDpoCoefficients(NamedTuple):
+    """safety_margin: SafeDPO's Delta."""
+
+    learning_rate: float
+    beta: float
+    safety_margin: float
+
+
+class SimpoCoefficients(NamedTuple):
+    learning_rate: float
+    beta: float
+    simpo_gamma: float
+    cpo_alpha: float = 0.0
+    label_smoothing: float = 0.0
+
+
+class OrpoCoefficients(NamedTuple):
+    """beta: ORPO's lambda, the weight of the odds-ratio term."""
+
+    learning_rate: float
+    beta: float
 
 
 class KtoCoefficients(NamedTuple):
@@ -103,35 +138,39 @@ def _pair_reference(model: Llama, batch: dict) -> dict[str, jax.Array]:
 PAIR_REFERENCE = Reference(("reference_chosen_logps", "reference_rejected_logps"), _pair_reference)
 
 
-def dpo_loss(pair_loss: losses.PairLoss) -> Loss:
-    """A DPO-family loss over pairs; with coeffs.rpo_alpha = a > 0 (TRL's ``rpo_alpha``,
-    RPO: Pang et al. 2024) the per-token NLL of the chosen response is added:
-    loss = dpo + a * (-pi_c / |y_c|). It keeps the chosen answers likely, against the
-    drift of both log-probs downward that plain DPO shows on small models and small beta.
-    """
+PairTerm = Callable[[losses.PairLogps, dict, Any], jax.Array]
+"""per_pair(pairs, batch, coeffs) -> [B] losses (the batch gives extra columns, e.g. safety)."""
 
-    def loss(model: Llama, batch: dict, coeffs: DpoCoefficients):
+
+def pair_loss(per_pair: PairTerm, *, with_reference: bool = True) -> Loss:
+    """An objective over pairs: the batch mean of ``per_pair`` on the policy's log-probs
+    and, ``with_reference``, the batch's reference columns (else zeros: reference-free),
+    with TRL's DPO metrics (implicit rewards beta * (pi - ref))."""
+
+    def loss(model: Llama, batch: dict, coeffs):
         policy = pair_logps(model, batch)
+        if with_reference:
+            reference = batch["reference_chosen_logps"], batch["reference_rejected_logps"]
+        else:
+            reference = (jnp.zeros_like(policy["chosen_logps"]),) * 2
         pairs = losses.PairLogps(
             policy["chosen_logps"],
             policy["rejected_logps"],
-            batch["reference_chosen_logps"],
-            batch["reference_rejected_logps"],
+            *reference,
             policy["chosen_lengths"],
             policy["rejected_lengths"],
         )
-        per_pair = pair_loss.loss(pairs, coeffs)
+        per_pair_losses = per_pair(pairs, batch, coeffs)
         chosen_rewards, rejected_rewards = losses.implicit_rewards(pairs, coeffs.beta)
-        chosen_nll = -policy["chosen_logps"] / jnp.maximum(policy["chosen_lengths"], 1.0)
-        per_pair = per_pair + coeffs.rpo_alpha * chosen_nll
         metrics = losses.preference_metrics(
             chosen_rewards, rejected_rewards, policy["chosen_logps"], policy["rejected_logps"]
         )
+        chosen_nll = -policy["chosen_logps"] / jnp.maximum(policy["chosen_lengths"], 1.0)
         metrics["nll/chosen"] = jnp.mean(chosen_nll)
         metrics["logits/chosen"] = jnp.mean(policy["chosen_logits"])
         metrics["logits/rejected"] = jnp.mean(policy["rejected_logits"])
         rows = {
-            "loss": per_pair,
+            "loss": per_pair_losses,
             "rewards/chosen": chosen_rewards,
             "rewards/rejected": rejected_rewards,
             "rewards/accuracies": (chosen_rewards > rejected_rewards).astype(jnp.float32),
@@ -139,14 +178,39 @@ def dpo_loss(pair_loss: losses.PairLoss) -> Loss:
             "logps/chosen": policy["chosen_logps"],
             "logps/rejected": policy["rejected_logps"],
         }
-        return jnp.mean(per_pair), metrics, rows
+        return jnp.mean(per_pair_losses), metrics, rows
 
     return loss
 
 
-def dpo(loss_type: str, coefficients: DpoCoefficients) -> Objective:
-    """The DPO objective with ``losses.PAIR_LOSSES[loss_type]``."""
-    return Objective(dpo_loss(losses.PAIR_LOSSES[loss_type]), coefficients, PAIR_REFERENCE)
+def dpo(loss_type: str | Sequence[str], coefficients: DpoCoefficients) -> Objective:
+    """The DPO objective: sum_k loss_weights[k] * ``losses.PAIR_LOSSES[loss_type[k]]``
+    (TRL's RPO is ("sigmoid", "sft") with weights (1, alpha)). Reference-free when no term
+    reads the reference (only "sft"): no reference model is run then."""
+    loss_types = (loss_type,) if isinstance(loss_type, str) else tuple(loss_type)
+    if len(coefficients.loss_weights) != len(loss_types):
+        raise losses.LossConfigError(
+            f"{len(coefficients.loss_weights)} loss weights for loss types {loss_types}"
+        )
+
+    def per_pair(pairs: losses.PairLogps, batch: dict, coeffs: DpoCoefficients) -> jax.Array:
+        return losses.combined_pair_loss(pairs, coeffs, loss_types, coeffs.loss_weights)
+
+    needs_reference = any(losses.PAIR_LOSSES[t].needs_reference for t in loss_types)
+    reference = PAIR_REFERENCE if needs_reference else None
+    return Objective(pair_loss(per_pair, with_reference=needs_reference), coefficients, reference)
+
+
+def _safedpo_pairs(pairs: losses.PairLogps, batch: dict, coeffs: SafeDpoCoefficients):
+    return losses.safedpo_loss(pairs, coeffs, batch["chosen_unsafe"], batch["rejected_unsafe"])
+
+
+def _simpo_pairs(pairs: losses.PairLogps, batch: dict, coeffs: SimpoCoefficients):
+    return losses.SIMPO.loss(pairs, coeffs) + coeffs.cpo_alpha * losses.chosen_nll(pairs)
+
+
+def _orpo_pairs(pairs: losses.PairLogps, batch: dict, coeffs: OrpoCoefficients):
+    return losses.ORPO.loss(pairs, coeffs) + losses.chosen_nll(pairs)
 
 
 # ----------------------------------------------------------------------------- KTO
@@ -279,10 +343,38 @@ def _sft(stage: SftStage, dataset: TokenizedDataset) -> Objective:
 
 
 def _dpo(stage: DpoStage, dataset: TokenizedDataset) -> Objective:
+    loss_types, weights = zip(*stage.loss_terms(), strict=True)
     coefficients = DpoCoefficients(
-        stage.train.learning_rate, float(stage.beta), stage.label_smoothing, stage.rpo_alpha
+        stage.train.learning_rate,
+        float(stage.beta),
+        stage.label_smoothing,
+        tuple(weights),
+        stage.discopop_tau,
     )
-    return dpo(stage.loss_type, coefficients)
+    return dpo(loss_types, coefficients)
+
+
+def _safedpo(stage: SafeDpoStage, dataset: TokenizedDataset) -> Objective:
+    coefficients = SafeDpoCoefficients(
+        stage.train.learning_rate, float(stage.beta), stage.safety_margin
+    )
+    return Objective(pair_loss(_safedpo_pairs), coefficients, PAIR_REFERENCE)
+
+
+def _simpo(stage: SimpoStage, dataset: TokenizedDataset) -> Objective:
+    coefficients = SimpoCoefficients(
+        stage.train.learning_rate,
+        stage.beta,
+        stage.simpo_gamma,
+        stage.cpo_alpha,
+        stage.label_smoothing,
+    )
+    return Objective(pair_loss(_simpo_pairs, with_reference=False), coefficients)
+
+
+def _orpo(stage: OrpoStage, dataset: TokenizedDataset) -> Objective:
+    coefficients = OrpoCoefficients(stage.train.learning_rate, stage.beta)
+    return Objective(pair_loss(_orpo_pairs, with_reference=False), coefficients)
 
 
 def _kto(stage: KtoStage, dataset: TokenizedDataset) -> Objective:
@@ -309,6 +401,9 @@ def _cost(stage: CostStage, dataset: TokenizedDataset) -> Objective:
 OBJECTIVES: dict[type, Callable[[Any, TokenizedDataset], Objective]] = {
     SftStage: _sft,
     DpoStage: _dpo,
+    SafeDpoStage: _safedpo,
+    SimpoStage: _simpo,
+    OrpoStage: _orpo,
     KtoStage: _kto,
     RewardStage: _reward,
     CostStage: _cost,

@@ -91,7 +91,12 @@ def run_training_stage(
     if objective.reference is not None and stage.reference_mode == "on_the_fly":
         on_the_fly = OnTheFlyReference(reference, objective.reference, ctx.mesh)
     loader = ctx.loader(
-        dataset, stage.data, train.batch_size, train=True, grad_accum=train.grad_accum
+        dataset,
+        stage.data,
+        train.batch_size,
+        train=True,
+        grad_accum=train.grad_accum,
+        interleave_labels=stage.interleave_labels,
     )
     total = train.max_steps or max(1, math.ceil(train.epochs * loader.steps_per_epoch))
     if objective.reference is not None and on_the_fly is None:
