@@ -109,7 +109,7 @@ def test_rows_without_safety_labels_stop_before_compute_in_one_line(tmp_path, to
     path = write_jsonl(tmp_path / "unlabelled.jsonl", [ROWS[0], unlabelled])
     with pytest.raises(DataError) as error:
         build_dataset(spec(path, "pku_safedpo"), tokenizer)
-    assert str(error.value) == f"{path}: row 1: field 'is_response_1_safe': missing"
+    assert str(error.value) == f"{path}: line 2: field 'is_response_1_safe': missing"
 
 
 def test_a_safedpo_stage_on_an_adapter_without_safety_labels_is_refused(tmp_path):
