@@ -10,6 +10,7 @@ import jax
 import numpy as np
 from jax.sharding import Mesh
 
+from sacpo_jax import parallel
 from sacpo_jax.checkpoint import PreemptionGuard
 from sacpo_jax.data.dataset import TokenizedDataset
 from sacpo_jax.data.errors import DataError
@@ -39,9 +40,11 @@ class StageContext:
         train: bool,
         grad_accum: int = 1,
         rows: np.ndarray | None = None,
+        packing: bool = False,
     ) -> BatchLoader:
         """This process's batches: shuffled and full for training (seeded by ``seed``),
-        every example (or every one of ``rows``) once in stored order otherwise."""
+        every example (or every one of ``rows``) once in stored order otherwise;
+        ``packing``: packed training rows, split evenly over this process's devices."""
         if train and len(dataset) < batch_size:
             raise DataError(
                 source_label(spec.source),
@@ -60,4 +63,6 @@ class StageContext:
             process_count=jax.process_count(),
             grad_accum=grad_accum,
             rows=rows,
+            packing=packing,
+            row_multiple=max(1, parallel.batch_shards(self.mesh) // jax.process_count()),
         )

@@ -11,6 +11,8 @@ An ``Objective`` holds everything that differs between training losses:
     reference      the reference log-prob columns the loss reads from its batches and
                    how a reference model computes them (None: no reference model).
     score_model    it trains a score head (reward and cost models).
+    packs          its loss reads packed batches too (several sequences per row,
+                   ``data.packing``), with the same values.
 
 ``OBJECTIVES`` maps each training stage type to the function that builds its objective;
 it is the only place a stage kind meets a loss. A new DPO-family loss is a function
@@ -30,7 +32,7 @@ import jax.numpy as jnp
 from sacpo_jax import losses
 from sacpo_jax.config import CostStage, DpoStage, KtoStage, RewardStage, SftStage, TrainedStage
 from sacpo_jax.data.dataset import TokenizedDataset
-from sacpo_jax.logprobs import completion_logps, pair_logps
+from sacpo_jax.logprobs import completion_logps, example_logps, pair_logps
 from sacpo_jax.models.llama import Llama
 
 Loss = Callable[[Llama, dict, Any], tuple[jax.Array, dict, dict]]
@@ -55,6 +57,7 @@ class Objective:
     coefficients: Any
     reference: Reference | None = None
     score_model: bool = False
+    packs: bool = False
     summarize: Callable[[dict[str, float], float], dict[str, float]] = mean_rows
 
 
@@ -146,7 +149,8 @@ def dpo_loss(pair_loss: losses.PairLoss) -> Loss:
 
 def dpo(loss_type: str, coefficients: DpoCoefficients) -> Objective:
     """The DPO objective with ``losses.PAIR_LOSSES[loss_type]``."""
-    return Objective(dpo_loss(losses.PAIR_LOSSES[loss_type]), coefficients, PAIR_REFERENCE)
+    loss = dpo_loss(losses.PAIR_LOSSES[loss_type])
+    return Objective(loss, coefficients, PAIR_REFERENCE, packs=True)
 
 
 # ----------------------------------------------------------------------------- KTO
@@ -211,8 +215,7 @@ def _masked_mean(values: jax.Array, mask: jax.Array) -> jax.Array:
 
 def sft_loss(model: Llama, batch: dict, coeffs: Coefficients):
     """Mean negative log-likelihood per completion token."""
-    ids, mask, loss_mask = batch["input_ids"], batch["attention_mask"], batch["loss_mask"]
-    logps, counts, _ = completion_logps(model, ids, mask, loss_mask)
+    logps, counts, _ = example_logps(model, batch)
     loss = losses.sft_loss(logps, counts)
     return loss, {"nll": loss}, {"nll_sum": -logps, "tokens": counts}
 
@@ -275,7 +278,7 @@ def cost_loss(model: Llama, batch: dict, coeffs: Coefficients):
 
 def _sft(stage: SftStage, dataset: TokenizedDataset) -> Objective:
     coefficients = Coefficients(stage.train.learning_rate)
-    return Objective(sft_loss, coefficients, summarize=token_weighted_nll)
+    return Objective(sft_loss, coefficients, packs=True, summarize=token_weighted_nll)
 
 
 def _dpo(stage: DpoStage, dataset: TokenizedDataset) -> Objective:
