@@ -14,7 +14,7 @@ and steps, for:
     padded        one sequence per row, padded to M (no buckets)
     bucketed      one sequence per row, padded to the smallest of 128, 256, ..., M
                   that fits the global batch (``data.bucket_lengths``)
-    packed        ``data.packing`` (rows of about 2 M tokens, multiples of 128)
+    packed        ``data.packing`` (rows of about 2 M tokens, 8 lengths per power of two)
 
 plus the distinct packed shapes seen (each is one compilation of the step). Counting
 only: no model runs, so the figures do not depend on the machine.

@@ -19,6 +19,7 @@ from sacpo_jax.data.packing import (
     deal,
     first_fit_decreasing,
     real_tokens,
+    round_length,
     row_length,
 )
 from sacpo_jax.logprobs import pair_logps
@@ -211,7 +212,7 @@ def test_packed_rows_hold_each_example_once_with_its_loss_mask():
     assert sorted(np.concatenate([batch["chosen_segment"], batch["rejected_segment"]])) == list(
         range(1, 17)
     )
-    assert batch["input_ids"].shape[1] % 128 == 0
+    assert round_length(batch["input_ids"].shape[1]) == batch["input_ids"].shape[1]
     np.testing.assert_array_equal(
         batch["margin"], dataset.columns["margin"][loader.local_indices(0)].astype(np.float32)
     )
@@ -225,12 +226,16 @@ def test_first_fit_decreasing_and_the_row_length():
         [[1, 7], [0, 0], [0, 9], [1, 0], [2, 0]],
     )
     assert first_fit_decreasing(np.asarray([7, 7, 7, 3]), 2, 12) is None  # 24 tokens, no split
-    # 300 tokens in 2 rows need 150 each: the next multiple of 128 is 256.
-    assert row_length([np.asarray([100, 100, 100])], 2) == 256
-    # Five of 90 in 2 rows: 225 each -> 256, but whole sequences need 3 in a row: 384.
-    assert row_length([np.asarray([90] * 5)], 2) == 384
-    # The length fits every group: the second one needs 384 alone.
-    assert row_length([np.asarray([200]), np.asarray([90] * 5)], 2) == 384
+    # Grid: 16 apart below 256, 32 from 256, 64 from 512, 128 from 1024.
+    assert [round_length(n) for n in (5, 100, 130, 256, 257, 700, 1025)] == [
+        16, 112, 144, 256, 288, 704, 1152,
+    ]  # fmt: skip
+    # 300 tokens in 2 rows need 150 each: 160; whole sequences need 200 in a row: 208.
+    assert row_length([np.asarray([100, 100, 100])], 2) == 208
+    # Five of 90 in 2 rows: 225 each -> 240, but whole sequences need 270 in a row: 288.
+    assert row_length([np.asarray([90] * 5)], 2) == 288
+    # The length fits every group: the second one needs 288 alone.
+    assert row_length([np.asarray([200]), np.asarray([90] * 5)], 2) == 288
 
 
 def pku_like(kind: str, n: int = 512, seed: int = 0) -> TokenizedDataset:

@@ -14,18 +14,18 @@ to the processes (B each) longest first, each to the process with the fewest tok
 far (``deal``), so that the processes' rows fill alike; every global micro-batch
 keeps its examples, so the step's loss is the unpacked one. Ids number the sequences
 of the global (micro-)batch: process p's example i of it is example g = p * B + i,
-whose k sequences have the ids
-k * g + 1 .. k * g + k for its k sequences (pairs: chosen 2g + 1, rejected 2g + 2; SFT:
-g + 1). So they are unique over every process's rows, and per-sequence sums over the
+whose k sequences have the ids k * g + 1 .. k * g + k (pairs: chosen 2g + 1, rejected
+2g + 2; SFT: g + 1). So they are unique over every process's rows, and per-sequence sums over the
 global batch (``logprobs.packed_completion_logps``) are read back per example by id.
 
 Shapes. R is fixed for a loader: the rows that hold the mean number of tokens of a
 micro-batch at about ``TARGET_ROWS_PER_LENGTH`` x the largest bucket length per row,
 rounded up to a multiple of the process's shards of the batch axes. L is chosen per
-step: the smallest multiple of ``LENGTH_MULTIPLE``, at least the longest sequence, at
-which first-fit decreasing puts the sequences of every group (every process's every
-micro-batch) into R rows. Every process computes L from the stored lengths of the global
-batch, so all agree without communicating; its few values are the only new shapes.
+step: the smallest length on a grid of 8 steps per power of two (``round_length``), at
+least the longest sequence, at which first-fit decreasing puts the sequences of every
+group (every process's every micro-batch) into R rows. Every process computes L from
+the stored lengths of the global batch, so all agree without communicating; its few
+values are the only new shapes.
 """
 
 from __future__ import annotations
@@ -36,7 +36,8 @@ import numpy as np
 
 from sacpo_jax.data.dataset import TokenizedDataset
 
-LENGTH_MULTIPLE = 128
+LENGTH_STEPS_PER_OCTAVE = 8
+MIN_LENGTH_STEP = 16
 TARGET_ROWS_PER_LENGTH = 2
 # Batch keys of each example's segment ids, one per sequence of the example.
 SEGMENT_KEYS = {
@@ -56,7 +57,7 @@ def rows_per_group(
     dataset: TokenizedDataset, examples: int, max_length: int, row_multiple: int = 1
 ) -> int:
     """R for micro-batches of ``examples`` examples: their mean token count over rows of
-    ``TARGET_ROWS_PER_LENGTH * max_length`` tokens (at least 1), rounded up to a
+    ``TARGET_ROWS_PER_LENGTH * max_length`` tokens (at least 1 row), rounded up to a
     multiple of ``row_multiple``."""
     mean = sequence_lengths(dataset, np.arange(len(dataset))).sum(axis=1).mean()
     rows = max(1, round(examples * mean / (TARGET_ROWS_PER_LENGTH * max_length)))
@@ -94,13 +95,21 @@ def first_fit_decreasing(lengths: np.ndarray, rows: int, row_length: int) -> np.
     return placed
 
 
+def round_length(need: int) -> int:
+    """The smallest row length >= need on the grid of ``LENGTH_STEPS_PER_OCTAVE`` steps
+    per power of two (steps of at least ``MIN_LENGTH_STEP``): 16 apart below 256, 32
+    from 256, 64 from 512, 128 from 1024 ...: at most 1/8 (or 16 tokens) above need."""
+    step = max(MIN_LENGTH_STEP, (1 << (need.bit_length() - 1)) // LENGTH_STEPS_PER_OCTAVE)
+    return -(-need // step) * step
+
+
 def row_length(groups: Sequence[np.ndarray], rows: int) -> int:
-    """The smallest multiple of ``LENGTH_MULTIPLE`` at which every group's sequence
+    """The smallest row length (``round_length``'s grid) at which every group's sequence
     lengths fit ``rows`` rows by first-fit decreasing."""
     need = max(max(int(g.max()), -(-int(g.sum()) // rows)) for g in groups)
-    length = -(-need // LENGTH_MULTIPLE) * LENGTH_MULTIPLE
+    length = round_length(need)
     while any(first_fit_decreasing(g, rows, length) is None for g in groups):
-        length += LENGTH_MULTIPLE
+        length = round_length(length + 1)
     return length
 
 

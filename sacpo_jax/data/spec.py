@@ -87,8 +87,8 @@ class DataSpec(BaseModel):
     ``packing``: training batches of SFT and DPO stages lay several sequences end to end
     in each row (no padding between them; attention and positions stay per sequence),
     giving the same log-probs up to float rounding; other stages and evaluation batches
-    are not packed. Packed rows are about twice the largest bucket length long, in
-    multiples of 128 (``sacpo_jax.data.packing``).
+    are not packed. Packed rows are about twice the largest bucket length long, on a
+    grid of 8 lengths per power of two (``sacpo_jax.data.packing``).
     """
 
     model_config = ConfigDict(extra="forbid")
