@@ -13,6 +13,11 @@ forward and backward hold one [rows, seq, chunk] block of logits at a time, the
 backward pass recomputes its chunk's logits, and each chunk's slice of the head
 gradient is produced once (no vocabulary-sized accumulator, and under FSDP only a
 chunk of the head is gathered at a time).
+
+Packed batches (``data.packing``: several sequences per row, see ``data.packing``) give
+the same statistics: positions restart and attention stays within each sequence, and
+per-sequence sums are segment sums over the tokens, read back per example by its
+segment id.
 """
 
 from __future__ import annotations
@@ -137,28 +142,96 @@ def completion_logps(
     last position predicts nothing (weight 0).
     """
     hidden = model.hidden_states(input_ids, attention_mask)
-    next_tokens = jnp.pad(input_ids[:, 1:], ((0, 0), (0, 1)))
-    weights = jnp.pad(loss_mask[:, 1:], ((0, 0), (0, 1))).astype(jnp.float32)
-    stats = token_statistics(hidden, model.output_head(), next_tokens, model.config.vocab_chunk)
-    counts = jnp.sum(weights, axis=-1)
-    mean_logits = jnp.sum(stats.mean_logits * weights, axis=-1) / jnp.maximum(counts, 1.0)
-    return CompletionLogps(jnp.sum(stats.logps * weights, axis=-1), counts, mean_logits)
+    weights = _next(loss_mask).astype(jnp.float32)
+    return _completion_sums(model, hidden, input_ids, weights, lambda x: jnp.sum(x, axis=-1))
+
+
+def packed_completion_logps(
+    model, input_ids: jax.Array, segment_ids: jax.Array, loss_mask: jax.Array, num_segments: int
+) -> CompletionLogps:
+    """``completion_logps`` of packed rows, per segment: entry k of each statistic is the
+    sum over the tokens of segment k ([num_segments]; ids >= num_segments are dropped).
+
+    Position t is scored on token t + 1 only when both belong to the same segment: the
+    first token of a segment is never predicted, as the first token of a row is not.
+    """
+    hidden = model.hidden_states(input_ids, segment_ids=segment_ids)
+    same_segment = _next(segment_ids) == segment_ids
+    weights = (_next(loss_mask) * same_segment).astype(jnp.float32)
+
+    def sum_segments(x: jax.Array) -> jax.Array:
+        return jax.ops.segment_sum(x.ravel(), segment_ids.ravel(), num_segments)
+
+    return _completion_sums(model, hidden, input_ids, weights, sum_segments)
+
+
+def _next(x: jax.Array) -> jax.Array:
+    """x[:, t + 1] at position t; 0 at the last position."""
+    return jnp.pad(x[:, 1:], ((0, 0), (0, 1)))
+
+
+def _completion_sums(model, hidden, input_ids, weights, total) -> CompletionLogps:
+    """Per-token statistics of the next tokens, weighted and reduced by ``total``."""
+    stats = token_statistics(
+        hidden, model.output_head(), _next(input_ids), model.config.vocab_chunk
+    )
+    counts = total(weights)
+    mean_logits = total(stats.mean_logits * weights) / jnp.maximum(counts, 1.0)
+    return CompletionLogps(total(stats.logps * weights), counts, mean_logits)
+
+
+def example_logps(model, batch: dict) -> CompletionLogps:
+    """The completion statistics of each example of a single-sequence (SFT) batch, packed
+    (``segment_ids`` and the examples' ``segment``) or not."""
+    if "segment_ids" not in batch:
+        return completion_logps(
+            model, batch["input_ids"], batch["attention_mask"], batch["loss_mask"]
+        )
+    slots = batch["segment"]
+    per_segment = packed_completion_logps(
+        model, batch["input_ids"], batch["segment_ids"], batch["loss_mask"], slots.shape[0] + 1
+    )
+    return _at(per_segment, slots)
 
 
 def pair_logps(model, batch: dict) -> dict[str, jax.Array]:
-    """Chosen and rejected completions of a pair batch in ONE forward over the
-    concatenated [2B] rows: log-probs, token counts and mean logits of each."""
-    ids, mask, loss_mask = (
-        jnp.concatenate([batch[f"chosen_{name}"], batch[f"rejected_{name}"]])
-        for name in ("input_ids", "attention_mask", "loss_mask")
-    )
-    logps, counts, mean_logits = completion_logps(model, ids, mask, loss_mask)
-    n = batch["chosen_input_ids"].shape[0]
+    """Chosen and rejected completions of a pair batch in ONE forward, over the
+    concatenated [2B] rows or over packed rows (``segment_ids``, with each pair's
+    ``chosen_segment`` and ``rejected_segment``): log-probs, token counts and mean
+    logits of each."""
+    if "segment_ids" in batch:
+        chosen, rejected = _packed_pairs(model, batch)
+    else:
+        ids, mask, loss_mask = (
+            jnp.concatenate([batch[f"chosen_{name}"], batch[f"rejected_{name}"]])
+            for name in ("input_ids", "attention_mask", "loss_mask")
+        )
+        stats = completion_logps(model, ids, mask, loss_mask)
+        n = batch["chosen_input_ids"].shape[0]
+        chosen = CompletionLogps(*(values[:n] for values in stats))
+        rejected = CompletionLogps(*(values[n:] for values in stats))
     return {
-        "chosen_logps": logps[:n],
-        "rejected_logps": logps[n:],
-        "chosen_lengths": counts[:n],
-        "rejected_lengths": counts[n:],
-        "chosen_logits": mean_logits[:n],
-        "rejected_logits": mean_logits[n:],
+        "chosen_logps": chosen.logps,
+        "rejected_logps": rejected.logps,
+        "chosen_lengths": chosen.counts,
+        "rejected_lengths": rejected.counts,
+        "chosen_logits": chosen.mean_logits,
+        "rejected_logits": rejected.mean_logits,
     }
+
+
+def _packed_pairs(model, batch: dict) -> tuple[CompletionLogps, CompletionLogps]:
+    chosen_slots, rejected_slots = batch["chosen_segment"], batch["rejected_segment"]
+    per_segment = packed_completion_logps(
+        model,
+        batch["input_ids"],
+        batch["segment_ids"],
+        batch["loss_mask"],
+        chosen_slots.shape[0] + rejected_slots.shape[0] + 1,
+    )
+    return _at(per_segment, chosen_slots), _at(per_segment, rejected_slots)
+
+
+def _at(per_segment: CompletionLogps, slots: jax.Array) -> CompletionLogps:
+    """The statistics of the segments ``slots`` (one per example)."""
+    return CompletionLogps(*(values[slots] for values in per_segment))

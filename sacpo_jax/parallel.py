@@ -139,6 +139,11 @@ def batch_sharding(mesh: Mesh, grad_accum: int = 1) -> NamedSharding:
     return NamedSharding(mesh, PartitionSpec(*lead, BATCH_AXES))
 
 
+def batch_shards(mesh: Mesh) -> int:
+    """How many parts the batch axes split a batch's rows into."""
+    return math.prod(mesh.shape[axis] for axis in BATCH_AXES)
+
+
 def batch_shardings(mesh: Mesh, batch: dict, grad_accum: int = 1) -> dict:
     """``batch_sharding`` of every array of a batch."""
     return {name: batch_sharding(mesh, grad_accum) for name in batch}

@@ -14,7 +14,9 @@ the processes partition every epoch.
 Shapes: a batch is padded (right) to the smallest bucket length that fits its
 longest sequence in the *global* batch; every process computes that length
 from the dataset's stored lengths, so all agree without communicating, and
-only a few distinct shapes ever reach the compiled step.
+only a few distinct shapes ever reach the compiled step. A packing loader
+(``packing=True``, pair and sft training batches) lays the sequences end to
+end instead, by the same rule (``data.packing``).
 
 Batch layouts (dicts of numpy arrays, leading dim = per-process batch, or
 [accum, micro] with gradient accumulation):
@@ -27,6 +29,9 @@ Batch layouts (dicts of numpy arrays, leading dim = per-process batch, or
   partner depends on the example only, not on the batch, so the reference's KL
   log-probs can be precomputed per example like its other log-probs.
 - sft: input_ids, attention_mask, loss_mask.
+- packed pair / score_pair / sft: input_ids, segment_ids, loss_mask of packed rows
+  ([rows, length], rows fixed for the loader) and each example's segment ids
+  (chosen_segment, rejected_segment; segment), plus every dataset column.
 Token arrays are int32; integer columns int32, float columns float32. Eval
 loaders (``drop_remainder=False``) pad the last batch with empty rows and add
 ``valid`` (int32, 1 for real rows).
@@ -40,6 +45,14 @@ from collections.abc import Iterator, Sequence
 import numpy as np
 
 from sacpo_jax.data.dataset import TokenizedDataset
+from sacpo_jax.data.packing import (
+    SEGMENT_KEYS,
+    deal,
+    pack_group,
+    row_length,
+    rows_per_group,
+    sequence_lengths,
+)
 from sacpo_jax.data.tokenize import pack
 
 _EMPTY = np.zeros(0, dtype=np.int32)
@@ -96,6 +109,8 @@ class BatchLoader:
     eval loaders (``shuffle=False, drop_remainder=False``) keep every row, or only the
     examples ``rows`` (in that order; KTO's KL partners stay those of the whole dataset).
     ``interleave_labels``: epochs alternate the dataset's ``label`` classes (module doc).
+    ``packing``: training batches of pairs or sft examples as packed rows (``data.packing``),
+    a multiple of ``row_multiple`` rows per process (its shards of the batch axes).
     """
 
     def __init__(
@@ -113,6 +128,8 @@ class BatchLoader:
         grad_accum: int = 1,
         rows: np.ndarray | None = None,
         interleave_labels: bool = False,
+        packing: bool = False,
+        row_multiple: int = 1,
     ) -> None:
         if rows is not None and shuffle:
             raise ValueError("rows selects examples of an unshuffled (eval) loader")
@@ -146,6 +163,11 @@ class BatchLoader:
             )
         if not 0 <= process_index < process_count:
             raise ValueError(f"process_index {process_index} outside [0, {process_count})")
+        if packing and (dataset.kind not in SEGMENT_KEYS or not drop_remainder):
+            raise ValueError(
+                f"packing takes training batches of {' or '.join(SEGMENT_KEYS)} examples, "
+                f"not {'' if drop_remainder else 'evaluation batches of '}{dataset.kind}"
+            )
         self.global_batch_size = global_batch_size
         self.buckets = tuple(sorted(buckets))
         self.pad_id = pad_id
@@ -155,6 +177,12 @@ class BatchLoader:
         self.process_index = process_index
         self.grad_accum = grad_accum
         self._lengths = dataset.sequence_lengths()
+        self.micro_batch_size = self.local_batch_size // grad_accum
+        self.packed_rows = None
+        if packing:
+            self.packed_rows = rows_per_group(
+                dataset, self.micro_batch_size, max(self.buckets), row_multiple
+            )
 
     @property
     def epoch_size(self) -> int:
@@ -195,16 +223,47 @@ class BatchLoader:
     def batch(self, step: int) -> dict[str, np.ndarray]:
         """This process's batch at global ``step``, as numpy arrays."""
         global_indices = self.global_indices(step)
-        length = bucket_length(self._needed_length(global_indices), self.buckets)
-        indices = self.local_indices(step)
-        arrays = _COLLATE[self.dataset.kind](self.dataset, indices, length, self.pad_id)
-        arrays.update(_columns(self.dataset, indices))
+        if self.packed_rows:
+            indices, arrays = self._packed(global_indices)
+        else:
+            indices = self.local_indices(step)
+            length = bucket_length(self._needed_length(global_indices), self.buckets)
+            collate = _COLLATE[self.dataset.kind]
+            arrays = self._micro(collate(self.dataset, indices, length, self.pad_id))
+        columns = _columns(self.dataset, indices)
         if not self.drop_remainder:
-            arrays["valid"] = (indices >= 0).astype(np.int32)
-        if self.grad_accum > 1:
-            micro = self.local_batch_size // self.grad_accum
-            arrays = {k: v.reshape(self.grad_accum, micro, *v.shape[1:]) for k, v in arrays.items()}
+            columns["valid"] = (indices >= 0).astype(np.int32)
+        arrays.update(self._micro(columns))
         return arrays
+
+    def _micro(self, arrays: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """[local batch, ...] -> [grad_accum, micro, ...] with gradient accumulation."""
+        if self.grad_accum == 1:
+            return arrays
+        shape = (self.grad_accum, self.micro_batch_size)
+        return {k: v.reshape(*shape, *v.shape[1:]) for k, v in arrays.items()}
+
+    def _packed(self, global_indices: np.ndarray) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+        """(this process's examples, their packed micro-batches): each global micro-batch
+        dealt out to the processes (``packing.deal``) and packed into rows of the
+        length that fits every process's share (see ``packing``)."""
+        micro = self.micro_batch_size
+        # [accum, processes * micro]: global micro-batch m joins every process's m-th.
+        per_micro = np.moveaxis(global_indices.reshape(-1, self.grad_accum, micro), 1, 0)
+        per_micro = per_micro.reshape(self.grad_accum, -1)
+        processes = per_micro.shape[1] // micro
+        groups = np.stack([deal(self.dataset, examples, processes) for examples in per_micro])
+        lengths = [sequence_lengths(self.dataset, g).ravel() for g in groups.reshape(-1, micro)]
+        rows = self.packed_rows
+        length = row_length(lengths, rows)
+        mine = groups[:, self.process_index]  # [accum, micro]
+        packed = [
+            pack_group(self.dataset, group, self.process_index * micro, rows, length, self.pad_id)
+            for group in mine
+        ]
+        if self.grad_accum == 1:
+            return mine[0], packed[0]
+        return mine.ravel(), {name: np.stack([p[name] for p in packed]) for name in packed[0]}
 
     def __iter__(self) -> Iterator[dict[str, np.ndarray]]:
         return (batch for _, batch in self.iterate())

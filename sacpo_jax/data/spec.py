@@ -85,6 +85,11 @@ class DataSpec(BaseModel):
     ``<name>_0`` and ``<name>_1``; ``None`` reads nested ``scores_0`` /
     ``scores_1`` dicts.
     ``limit``: use only the first ``limit`` rows of the source.
+    ``packing``: training batches of SFT and DPO stages lay several sequences end to end
+    in each row (no padding between them; attention and positions stay per sequence),
+    giving the same log-probs up to float rounding; other stages and evaluation batches
+    are not packed. Packed rows are about twice the largest bucket length long, on a
+    grid of 8 lengths per power of two (``sacpo_jax.data.packing``).
     """
 
     model_config = ConfigDict(extra="forbid")
@@ -99,6 +104,7 @@ class DataSpec(BaseModel):
     limit: int | None = Field(None, gt=0)
     columns: dict[str, str] = Field(default_factory=dict)
     score_names: list[str] | None = None
+    packing: bool = True
 
     @model_validator(mode="after")
     def _check(self) -> DataSpec:

@@ -21,7 +21,9 @@ The block is the standard pre-norm LLaMA block:
     SwiGLU(x)  = (silu(x W_gate) * (x W_up)) W_down
 
 Positions are derived from the attention mask (``cumsum(mask) - 1``), so left- and
-right-padded batches give the same values at real tokens as unpadded rows.
+right-padded batches give the same values at real tokens as unpadded rows. Packed rows
+(several sequences per row, ``segment_ids``) restart positions at each sequence and
+attend only within it, so each sequence gets the values it would get alone in a row.
 """
 
 from __future__ import annotations
@@ -200,6 +202,17 @@ def positions_from_mask(attention_mask: jax.Array) -> jax.Array:
     return jnp.maximum(jnp.cumsum(attention_mask, axis=-1) - 1, 0)
 
 
+def positions_from_segments(segment_ids: jax.Array) -> jax.Array:
+    """Position of each token within its segment (a run of equal ids in a row):
+    t - (first slot of the run holding t)."""
+    slots = jnp.broadcast_to(jnp.arange(segment_ids.shape[-1]), segment_ids.shape)
+    starts = jnp.concatenate(
+        [jnp.ones_like(segment_ids[:, :1], bool), segment_ids[:, 1:] != segment_ids[:, :-1]],
+        axis=-1,
+    )
+    return slots - jax.lax.cummax(jnp.where(starts, slots, 0), axis=slots.ndim - 1)
+
+
 class AttentionMask(NamedTuple):
     """Which keys each query may see, without a [q, k] array: query ``i`` sits at key slot
     ``query_offset + i`` and sees key slot ``j`` iff ``j <= query_offset + i`` (causal)
@@ -208,16 +221,26 @@ class AttentionMask(NamedTuple):
     key_mask:     [b, k] 1 for real keys, 0 for padding.
     query_offset: scalar slot of the first query (0 for a forward over a whole row; the
                   first new slot for a forward against a KV cache).
+    segment_ids:  packed rows only, [b, k] (queries are the keys: no cache): the query at
+                  slot i sees slot j iff j <= i and segment_ids[b, j] == segment_ids[b, i];
+                  ``key_mask`` is then not read. Padding (id 0) sees only padding, so no
+                  query is left without keys.
     """
 
     key_mask: jax.Array
     query_offset: jax.Array | int = 0
+    segment_ids: jax.Array | None = None
 
     def allowed(self, query_slots: jax.Array) -> jax.Array:
         """Boolean [b, 1, q, k]: may the query at each of ``query_slots`` [q] see each key?"""
         keys = jnp.arange(self.key_mask.shape[-1])
         causal = keys[None, :] <= query_slots[:, None]
-        return causal[None, None] & self.key_mask[:, None, None, :].astype(bool)
+        if self.segment_ids is None:
+            return causal[None, None] & self.key_mask[:, None, None, :].astype(bool)
+        # Slots past the row (the padded last query block) are clipped; they are dropped.
+        query_segments = jnp.take(self.segment_ids, query_slots, axis=1, mode="clip")
+        same = query_segments[:, :, None] == self.segment_ids[:, None, :]
+        return causal[None, None] & same[:, None]
 
 
 def attend(
@@ -438,14 +461,25 @@ class Llama(nnx.Module):
         input_ids: jax.Array,
         attention_mask: jax.Array | None = None,
         positions: jax.Array | None = None,
+        *,
+        segment_ids: jax.Array | None = None,
     ) -> jax.Array:
-        """Final-norm hidden states [batch, seq, hidden]."""
+        """Final-norm hidden states [batch, seq, hidden].
+
+        ``segment_ids`` (packed rows, [batch, seq], 0 = padding) replaces the attention
+        mask: each token attends causally within its segment, and positions restart at
+        each segment (unless ``positions`` are given).
+        """
+        if segment_ids is not None:
+            attention_mask = (segment_ids > 0).astype(jnp.int32)
+            if positions is None:
+                positions = positions_from_segments(segment_ids)
         if attention_mask is None:
             attention_mask = jnp.ones_like(input_ids)
         if positions is None:
             positions = positions_from_mask(attention_mask)
         x = self.embed[...][input_ids].astype(jnp.dtype(self.config.dtype))
-        mask = AttentionMask(attention_mask)
+        mask = AttentionMask(attention_mask, segment_ids=segment_ids)
         x, _ = run_layers(self.layer_weights(), x, positions, mask, self.config)
         return rms_norm(x, self.final_norm[...], self.config.rms_norm_eps)
 

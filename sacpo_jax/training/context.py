@@ -10,6 +10,7 @@ import jax
 import numpy as np
 from jax.sharding import Mesh
 
+from sacpo_jax import parallel
 from sacpo_jax.checkpoint import PreemptionGuard
 from sacpo_jax.data.dataset import TokenizedDataset
 from sacpo_jax.data.errors import DataError
@@ -40,10 +41,12 @@ class StageContext:
         grad_accum: int = 1,
         rows: np.ndarray | None = None,
         interleave_labels: bool = False,
+        packing: bool = False,
     ) -> BatchLoader:
         """This process's batches: shuffled and full for training (seeded by ``seed``),
         every example (or every one of ``rows``) once in stored order otherwise;
-        ``interleave_labels``: see ``BatchLoader``."""
+        ``interleave_labels``: see ``BatchLoader``; ``packing``: packed training rows,
+        split evenly over this process's devices."""
         if train and len(dataset) < batch_size:
             raise DataError(
                 source_label(spec.source),
@@ -63,4 +66,6 @@ class StageContext:
             grad_accum=grad_accum,
             rows=rows,
             interleave_labels=interleave_labels,
+            packing=packing,
+            row_multiple=max(1, parallel.batch_shards(self.mesh) // jax.process_count()),
         )

@@ -31,6 +31,7 @@ from tqdm import tqdm
 from sacpo_jax import checkpoint, flops, parallel
 from sacpo_jax.config import TrainConfig
 from sacpo_jax.data.dataset import TokenizedDataset
+from sacpo_jax.data.packing import real_tokens
 from sacpo_jax.data.spec import DataSpec
 from sacpo_jax.errors import RunFailure
 from sacpo_jax.metrics_log import MetricsLogger
@@ -280,7 +281,7 @@ class ThroughputMeter:
         self.flops_of, self.flops = flops_of, 0.0
 
     def add_tokens(self, batch: dict) -> None:
-        self.tokens += int(sum(v.sum() for k, v in batch.items() if k.endswith("attention_mask")))
+        self.tokens += real_tokens(batch)
         self.flops += self.flops_of(batch)
 
     def read(self, step: int) -> dict[str, float]:

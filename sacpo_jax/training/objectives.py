@@ -11,6 +11,8 @@ An ``Objective`` holds everything that differs between training losses:
     reference      the reference log-prob columns the loss reads from its batches and
                    how a reference model computes them (None: no reference model).
     score_model    it trains a score head (reward and cost models).
+    packs          its loss reads packed batches too (several sequences per row,
+                   ``data.packing``), with the same values.
 
 ``OBJECTIVES`` maps each training stage type to the function that builds its objective;
 it is the only place a stage kind meets a loss. A new DPO-family loss is a function
@@ -40,7 +42,7 @@ from sacpo_jax.config import (
     TrainedStage,
 )
 from sacpo_jax.data.dataset import TokenizedDataset
-from sacpo_jax.logprobs import completion_logps, pair_logps
+from sacpo_jax.logprobs import completion_logps, example_logps, pair_logps
 from sacpo_jax.models.llama import Llama
 
 Loss = Callable[[Llama, dict, Any], tuple[jax.Array, dict, dict]]
@@ -65,6 +67,7 @@ class Objective:
     coefficients: Any
     reference: Reference | None = None
     score_model: bool = False
+    packs: bool = False
     summarize: Callable[[dict[str, float], float], dict[str, float]] = mean_rows
 
 
@@ -198,7 +201,8 @@ def dpo(loss_type: str | Sequence[str], coefficients: DpoCoefficients) -> Object
 
     needs_reference = any(losses.PAIR_LOSSES[t].needs_reference for t in loss_types)
     reference = PAIR_REFERENCE if needs_reference else None
-    return Objective(pair_loss(per_pair, with_reference=needs_reference), coefficients, reference)
+    loss = pair_loss(per_pair, with_reference=needs_reference)
+    return Objective(loss, coefficients, reference, packs=True)
 
 
 def _safedpo_pairs(pairs: losses.PairLogps, batch: dict, coeffs: SafeDpoCoefficients):
@@ -275,8 +279,7 @@ def _masked_mean(values: jax.Array, mask: jax.Array) -> jax.Array:
 
 def sft_loss(model: Llama, batch: dict, coeffs: Coefficients):
     """Mean negative log-likelihood per completion token."""
-    ids, mask, loss_mask = batch["input_ids"], batch["attention_mask"], batch["loss_mask"]
-    logps, counts, _ = completion_logps(model, ids, mask, loss_mask)
+    logps, counts, _ = example_logps(model, batch)
     loss = losses.sft_loss(logps, counts)
     return loss, {"nll": loss}, {"nll_sum": -logps, "tokens": counts}
 
@@ -339,7 +342,7 @@ def cost_loss(model: Llama, batch: dict, coeffs: Coefficients):
 
 def _sft(stage: SftStage, dataset: TokenizedDataset) -> Objective:
     coefficients = Coefficients(stage.train.learning_rate)
-    return Objective(sft_loss, coefficients, summarize=token_weighted_nll)
+    return Objective(sft_loss, coefficients, packs=True, summarize=token_weighted_nll)
 
 
 def _dpo(stage: DpoStage, dataset: TokenizedDataset) -> Objective:
@@ -358,7 +361,7 @@ def _safedpo(stage: SafeDpoStage, dataset: TokenizedDataset) -> Objective:
     coefficients = SafeDpoCoefficients(
         stage.train.learning_rate, float(stage.beta), stage.safety_margin
     )
-    return Objective(pair_loss(_safedpo_pairs), coefficients, PAIR_REFERENCE)
+    return Objective(pair_loss(_safedpo_pairs), coefficients, PAIR_REFERENCE, packs=True)
 
 
 def _simpo(stage: SimpoStage, dataset: TokenizedDataset) -> Objective:
@@ -369,12 +372,12 @@ def _simpo(stage: SimpoStage, dataset: TokenizedDataset) -> Objective:
         stage.cpo_alpha,
         stage.label_smoothing,
     )
-    return Objective(pair_loss(_simpo_pairs, with_reference=False), coefficients)
+    return Objective(pair_loss(_simpo_pairs, with_reference=False), coefficients, packs=True)
 
 
 def _orpo(stage: OrpoStage, dataset: TokenizedDataset) -> Objective:
     coefficients = OrpoCoefficients(stage.train.learning_rate, stage.beta)
-    return Objective(pair_loss(_orpo_pairs, with_reference=False), coefficients)
+    return Objective(pair_loss(_orpo_pairs, with_reference=False), coefficients, packs=True)
 
 
 def _kto(stage: KtoStage, dataset: TokenizedDataset) -> Objective:

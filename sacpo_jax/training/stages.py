@@ -90,14 +90,15 @@ def run_training_stage(
     on_the_fly = None
     if objective.reference is not None and stage.reference_mode == "on_the_fly":
         on_the_fly = OnTheFlyReference(reference, objective.reference, ctx.mesh)
-    loader = ctx.loader(
-        dataset,
-        stage.data,
-        train.batch_size,
-        train=True,
-        grad_accum=train.grad_accum,
-        interleave_labels=stage.interleave_labels,
-    )
+
+    def train_loader(dataset):
+        return ctx.loader(
+            dataset, stage.data, train.batch_size, train=True, grad_accum=train.grad_accum,
+            interleave_labels=stage.interleave_labels,
+            packing=objective.packs and stage.data.packing,
+        )  # fmt: skip
+
+    loader = train_loader(dataset)
     total = train.max_steps or max(1, math.ceil(train.epochs * loader.steps_per_epoch))
     if objective.reference is not None and on_the_fly is None:
         batch = train.eval_batch_size or train.batch_size
@@ -106,9 +107,7 @@ def run_training_stage(
             dataset, stage.data, reference, objective.reference, ctx, batch,
             rows=used, log_every=train.log_every,
         )  # fmt: skip
-        loader = ctx.loader(
-            dataset, stage.data, train.batch_size, train=True, grad_accum=train.grad_accum
-        )
+        loader = train_loader(dataset)
         if eval_dataset is not None:
             eval_dataset = add_reference_columns(
                 eval_dataset, stage.eval_data, reference, objective.reference, ctx, batch,
