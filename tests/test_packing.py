@@ -109,7 +109,8 @@ def test_packed_dpo_batch_gives_the_unpacked_loss_metrics_and_rows():
     for name in objectives.PAIR_REFERENCE.columns:
         dataset = dataset.add_column(name, rng.normal(-60.0, 10.0, len(dataset)))
     packed, unpacked = batches(dataset, step=1)
-    objective = objectives.dpo("sigmoid", objectives.DpoCoefficients(0.0, 0.1, rpo_alpha=0.5))
+    rpo = objectives.DpoCoefficients(0.0, 0.1, loss_weights=(1.0, 0.5))  # sigmoid + 0.5 sft
+    objective = objectives.dpo(("sigmoid", "sft"), rpo)
     coefficients = objectives.as_arrays(objective.coefficients)
     loss = jax.jit(objective.loss)
     model = random_model()
