@@ -28,7 +28,16 @@ import jax
 import jax.numpy as jnp
 
 from sacpo_jax import losses
-from sacpo_jax.config import CostStage, DpoStage, KtoStage, RewardStage, SftStage, TrainedStage
+from sacpo_jax.config import (
+    ConfigError,
+    CostStage,
+    DpoStage,
+    KtoStage,
+    RewardStage,
+    SftStage,
+    TrainedStage,
+)
+from sacpo_jax.data.adapters import LABEL_SMOOTHING
 from sacpo_jax.data.dataset import TokenizedDataset
 from sacpo_jax.logprobs import completion_logps, pair_logps
 from sacpo_jax.models.llama import Llama
@@ -111,6 +120,8 @@ def dpo_loss(pair_loss: losses.PairLoss) -> Loss:
     """
 
     def loss(model: Llama, batch: dict, coeffs: DpoCoefficients):
+        if LABEL_SMOOTHING in batch:  # per-pair eps from the data (cDPO with soft labels)
+            coeffs = coeffs._replace(label_smoothing=batch[LABEL_SMOOTHING])
         policy = pair_logps(model, batch)
         pairs = losses.PairLogps(
             policy["chosen_logps"],
@@ -279,10 +290,29 @@ def _sft(stage: SftStage, dataset: TokenizedDataset) -> Objective:
 
 
 def _dpo(stage: DpoStage, dataset: TokenizedDataset) -> Objective:
+    if LABEL_SMOOTHING in dataset.columns:
+        _check_pair_smoothing(stage, dataset.columns[LABEL_SMOOTHING])
     coefficients = DpoCoefficients(
         stage.train.learning_rate, float(stage.beta), stage.label_smoothing, stage.rpo_alpha
     )
     return dpo(stage.loss_type, coefficients)
+
+
+def _check_pair_smoothing(stage: DpoStage, eps) -> None:
+    """Per-pair label smoothing needs a loss that smooths (robust: eps < 0.5) and no
+    scalar label_smoothing beside it."""
+    loss = losses.PAIR_LOSSES[stage.loss_type]
+    problem = None
+    if not loss.uses_label_smoothing:
+        problem = f"loss_type '{stage.loss_type}' ignores it"
+    elif stage.label_smoothing:
+        problem = f"label_smoothing {stage.label_smoothing} would be ignored; set it to 0"
+    elif stage.loss_type == "robust" and float(eps.max()) >= 0.5:
+        problem = "loss_type 'robust' divides by 1 - 2 eps and needs every eps < 0.5"
+    if problem:
+        raise ConfigError(
+            f"stage '{stage.name}': its data has per-pair label_smoothing, but {problem}"
+        )
 
 
 def _kto(stage: KtoStage, dataset: TokenizedDataset) -> Objective:
