@@ -313,6 +313,25 @@ def test_judge_config_errors_are_one_line(tmp_path):
     assert "\n" not in str(error.value)
 
 
+def test_judge_bookkeeping_does_not_change_the_stage_identity():
+    from sacpo_jax.config import EvaluateStage
+    from sacpo_jax.identity import stage_settings
+
+    def settings_with(**judge) -> dict:
+        stage = {
+            "name": "eval",
+            "kind": "evaluate",
+            "models": ["a", "b"],
+            "prompts": {"source": {"type": "bundled", "name": "eval_prompts"}},
+            "judge": {"base_url": "http://127.0.0.1:1", "model": "m", **judge},
+        }
+        return stage_settings(EvaluateStage.model_validate(stage))
+
+    assert settings_with(timeout=5, max_retries=1, workers=8) == settings_with()
+    assert settings_with(model="other") != settings_with()
+    assert settings_with(temperature=0.2) != settings_with()
+
+
 def tiny_model_dir(directory, seed: int) -> str:
     from sacpo_jax import parallel
     from sacpo_jax.data.oracle_tokenizer import oracle_tokenizer
