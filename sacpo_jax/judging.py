@@ -185,7 +185,14 @@ def judge_models(
     return judged_results(plan, records, elo_trials)
 
 
-def run_calls(plan, client, calls, path, kept, stop_requested) -> None:
+def run_calls(
+    plan: Plan,
+    client: JudgeClient,
+    calls: list[dict],
+    path: str,
+    kept: dict[str, dict],
+    stop_requested: Callable[[], bool] | None,
+) -> None:
     """Make ``calls`` with ``settings.workers`` in flight, keeping each as it finishes. On
     a failure or a stop request no new call starts; the calls in flight finish and are
     kept, then the failure (or ``Preempted``) is raised."""
@@ -229,7 +236,7 @@ def judged_results(plan: Plan, records: list[dict], elo_trials: int) -> dict[str
             if r["criterion"] == criterion
         }
         combine = _paired if plan.protocol.name == "verdict" else _both_orders
-        groups = combine(outcomes, plan)
+        groups = combine(outcomes)
         prefix = f"judge_{criterion}"
         if plan.baseline is not None:
             for name in plan.samples:
@@ -248,7 +255,7 @@ def judged_results(plan: Plan, records: list[dict], elo_trials: int) -> dict[str
 Group = list[tuple[str, str, float]]
 
 
-def _both_orders(outcomes: dict, plan: Plan) -> dict[tuple, Group]:
+def _both_orders(outcomes: dict) -> dict[tuple, Group]:
     """ "sacpo": one group per ordered pair and question, its outcomes by repeat."""
     groups: dict[tuple, Group] = {}
     for (first, second, question, _), outcome in sorted(outcomes.items()):
@@ -256,7 +263,7 @@ def _both_orders(outcomes: dict, plan: Plan) -> dict[tuple, Group]:
     return groups
 
 
-def _paired(outcomes: dict, plan: Plan) -> dict[tuple, Group]:
+def _paired(outcomes: dict) -> dict[tuple, Group]:
     """ "verdict": one group per unordered pair and question; per repeat, a win (or loss)
     for the first model only when both orders agree, else a tie."""
     groups: dict[tuple, Group] = {}
