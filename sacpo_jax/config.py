@@ -510,11 +510,41 @@ class PromptSet(Strict):
     limit: int | None = Field(None, gt=0)
 
 
+class JudgeConfig(Strict):
+    """A pairwise LLM judge behind an OpenAI-compatible endpoint (``sacpo_jax.judge``).
+
+    ``protocol``: "sacpo", the SACPO paper's (each response scored, helpfulness 1-10 or
+    harmlessness 0-10, both orders, 3 calls each at temperature 0.7), or "verdict"
+    ([[A]] / [[B]] / [[C]], a win when both orders agree); ``repeats``, ``temperature``
+    and ``max_tokens`` default to the protocol's. ``criteria``: what is judged (the
+    paper: helpfulness on the helpful prompts, harmlessness on the red-team prompts).
+    ``api_key_env``: the environment variable holding the key (the key is never stored).
+    ``timeout`` (s per call), ``max_retries`` and ``workers`` (calls in flight) do not
+    change the results.
+    """
+
+    base_url: str
+    model: str
+    api_key_env: str = "OPENAI_API_KEY"
+    protocol: Literal["sacpo", "verdict"] = "sacpo"
+    criteria: list[Literal["helpfulness", "harmlessness"]] = Field(
+        default_factory=lambda: ["helpfulness", "harmlessness"], min_length=1
+    )
+    repeats: int | None = Field(None, gt=0)
+    temperature: float | None = Field(None, ge=0)
+    max_tokens: int | None = Field(None, gt=0)
+    timeout: float = Field(120.0, gt=0)
+    max_retries: int = Field(5, ge=0)
+    workers: int = Field(4, gt=0)
+
+
 class EvaluateStage(StageBase):
     """Generate with ``models`` ("all": every earlier language-model stage), score, compare.
 
     Scorers: the bundled ``oracle`` and/or ``reward_model`` / ``cost_model`` (stage
-    names or HF directories). ``baseline``: the model for win rates and the Elo anchor.
+    names or HF directories), and/or a pairwise LLM ``judge``. ``baseline``: the model
+    for win rates and the Elo anchor (with a judge: the model each other is judged
+    against; without one every pair is judged).
     """
 
     kind: Literal["evaluate"]
@@ -526,11 +556,12 @@ class EvaluateStage(StageBase):
     reward_model: str | None = None
     cost_model: str | None = None
     baseline: str | None = None
+    judge: JudgeConfig | None = None
 
     @model_validator(mode="after")
     def _has_scorer(self) -> EvaluateStage:
-        if not (self.oracle or self.reward_model or self.cost_model):
-            raise ValueError("an evaluate stage needs oracle: true or a reward/cost model")
+        if not (self.oracle or self.reward_model or self.cost_model or self.judge):
+            raise ValueError("an evaluate stage needs oracle: true, a reward/cost model or a judge")
         return self
 
     def sources(self) -> list[str]:
@@ -541,10 +572,13 @@ class EvaluateStage(StageBase):
         return self.prompts, self.oracle
 
     def resolve(self, previous: str | None, earlier: list[StageBase]) -> EvaluateStage:
+        stage = self
         if self.models == "all":
             names = [stage.name for stage in earlier if stage.yields_policy]
-            return self.model_copy(update={"models": names})
-        return self
+            stage = self.model_copy(update={"models": names})
+        if stage.judge is not None and len(stage.models) < 2:
+            raise ValueError(f"stage '{stage.name}': a judge compares two or more models")
+        return stage
 
 
 class CaidConstraint(Strict):
@@ -552,24 +586,31 @@ class CaidConstraint(Strict):
 
     ``model``: MoCAID, a cost model (stage name, HF directory or hub id) or ``oracle``
     (the bundled task's cost), with g = -cost; PeCAID, a DPO policy aligned on this
-    constraint's preference, with g = beta * log(pi_g / pi_ref).
+    constraint's preference, with g = beta * log(pi_g / pi_ref), ``beta`` that policy's
+    own (taken from its stage when it is one of the chain's DPO/KTO stages).
     """
 
     model: str
     threshold: float
+    beta: float | None = Field(None, gt=0)
 
 
 class CaidSampling(Strict):
     """The dual step's samples: each prompt answered ``responses_per_prompt`` times by the
-    current policy (the paper: 600 prompts x 64 responses, temperature 1, top_p 0.9)."""
+    current policy (the paper: 600 training prompts x 64 responses, temperature 1, top_p
+    0.9, up to 512 tokens). ``stop``: none by default (samples of the policy, ended only
+    by EOS or the length; a stop list such as "sacpo" cuts them). ``prompts_per_step``:
+    draw that many distinct prompts of the set at random for each dual step (seeded by
+    the run's seed and the iteration); null uses every prompt every step."""
 
     responses_per_prompt: int = Field(64, gt=0)
     temperature: float = Field(1.0, gt=0)
     top_p: float = Field(0.9, gt=0, le=1)
     max_new_tokens: int = Field(512, gt=0)
     template: str | None = "auto"  # as EvalSettings.template
-    stop: str | list[str] | None = "auto"  # as EvalSettings.stop
+    stop: str | list[str] | None = None  # as EvalSettings.stop
     batch_size: int = Field(64, gt=0)
+    prompts_per_step: int | None = Field(None, gt=0)
 
 
 ORACLE = "oracle"
@@ -577,21 +618,38 @@ ORACLE = "oracle"
 
 
 class CaidStage(TrainedStage):
-    """CAID (REFERENCE §3): ``iterations`` rounds of a dual step on the host and a DPO
-    policy step on pseudo-preferences, from ``start`` (pi_ref, also DPO's reference).
+    """CAID (REFERENCE §3): ``iterations`` rounds of a policy step (DPO on
+    pseudo-preferences, from the current iterate against ``start``, which is pi_ref) and
+    a dual step on the host, from the samples of the iterate it produced.
 
     ``data``: the fixed pairs (x, y0, y1) to pseudo-label (a pair adapter; the order of
     y0, y1 is not a preference). ``reward``: MoCAID, a reward model or ``oracle``;
-    PeCAID, a DPO policy aligned on helpfulness. ``prompts`` (``limit``: how many) are
-    sampled every iteration. ``lambda_init``: null warm-starts from the one-shot dual
-    optimum on the reference's samples. ``dual_lr``: eta in lam <- max(0, lam - eta u).
-    ``train``: the optimisation of each policy step (``epochs`` per iteration).
+    PeCAID, a DPO policy aligned on helpfulness (``reward_beta``: its own beta, taken
+    from its stage when it is one of the chain's). ``prompts``: the prompt set the dual
+    step samples (the paper: training prompts). ``train``: each policy step's
+    optimisation (``epochs`` per iteration).
+
+    The multipliers: ``lambda_init`` (null: the one-shot dual optimum on pi_ref's
+    samples); ``first_step_lambda``: "init" takes the first policy step at lambda_init
+    (following the one-shot solution exactly), "updated" first takes a dual step on
+    pi_ref's own samples (the printed algorithm's order: with relative thresholds
+    u_0 = -b, so the first step uses lambda_init + eta * b). Then
+    lam <- max(0, lam - eta_t u) with eta_t = ``dual_lr`` / (t + 1) ** ``dual_lr_decay``
+    for the t-th update (0: a constant step; 0.5 or 1 damp later steps).
+
+    The stage's model (``output_iterate``): "feasible_reward", the feasible iterate with
+    the highest estimated reward (pi_ref included; none feasible: the least violating);
+    "dual_value", the paper's rule, the iterate whose multiplier has the lowest estimated
+    dual value D(lam) = E[r] + lam . u - beta KL. ``feasibility_se``: an iterate counts
+    as feasible when u + k * se >= 0 for every constraint (k = 0: the estimate itself;
+    k = 2 accepts a violation within two standard errors, k < 0 is not allowed).
     """
 
     kind: Literal["caid"]
     batch_kinds: ClassVar[tuple[str, ...]] = (PAIR,)
     method: Literal["mocaid", "pecaid"] = "mocaid"
     reward: str
+    reward_beta: float | None = Field(None, gt=0)
     constraints: list[CaidConstraint] = Field(min_length=1)
     relative_thresholds: bool = True
     prompts: PromptSet
@@ -599,12 +657,18 @@ class CaidStage(TrainedStage):
     iterations: int = Field(4, gt=0)
     beta: float = Field(0.1, gt=0)
     dual_lr: float = Field(1.0, gt=0)
+    dual_lr_decay: float = Field(0.0, ge=0)
     lambda_init: float | list[float] | None = None
+    first_step_lambda: Literal["init", "updated"] = "init"
+    output_iterate: Literal["feasible_reward", "dual_value"] = "feasible_reward"
+    feasibility_se: float = Field(0.0, ge=0)
 
     @model_validator(mode="after")
     def _consistent(self) -> CaidStage:
         if self.method == "pecaid" and ORACLE in self.models:
             raise ValueError("pecaid scores with DPO policies; 'oracle' is for mocaid")
+        if self.method == "mocaid" and any(b is not None for b in self.model_betas):
+            raise ValueError("reward_beta and constraints.*.beta are for pecaid's DPO policies")
         init = self.lambda_init
         values = init if isinstance(init, list) else [] if init is None else [init]
         if isinstance(init, list) and len(init) != len(self.constraints):
@@ -618,11 +682,37 @@ class CaidStage(TrainedStage):
         """The scoring models the stage reads, in order: reward, constraints."""
         return [self.reward] + [c.model for c in self.constraints]
 
+    @property
+    def model_betas(self) -> list[float | None]:
+        """PeCAID: the beta of each scoring model, in the order of ``models``."""
+        return [self.reward_beta] + [c.beta for c in self.constraints]
+
     def sources(self) -> list[str]:
         return [self.start] + [m for m in self.models if m != ORACLE]
 
     def prompt_set(self) -> tuple[PromptSet, bool]:
         return self.prompts, ORACLE in self.models
+
+    def resolve(self, previous: str | None, earlier: list[StageBase]) -> CaidStage:
+        stage = super().resolve(previous, earlier)
+        if stage.method != "pecaid":
+            return stage
+        trained = {s.name: s.beta for s in earlier if isinstance(s, ReferencedStage)}
+        betas = [
+            beta if beta is not None else trained.get(name)
+            for name, beta in zip(stage.models, stage.model_betas)
+        ]
+        for name, beta in zip(stage.models, betas):
+            if beta is None:
+                raise ValueError(
+                    f"stage '{stage.name}': pecaid needs the beta that '{name}' was aligned "
+                    "with (reward_beta or constraints.N.beta); only a DPO/KTO stage of the "
+                    "chain supplies its own"
+                )
+        constraints = [
+            c.model_copy(update={"beta": b}) for c, b in zip(stage.constraints, betas[1:])
+        ]
+        return stage.model_copy(update={"reward_beta": betas[0], "constraints": constraints})
 
 
 STAGE_TYPES = (SftStage, DpoStage, KtoStage, RewardStage, CostStage, MergeStage, EvaluateStage)

@@ -120,29 +120,73 @@ def elo_ratings(
 
     Models that play no match keep ``start`` (before the anchor shift).
     """
+    matches = _check_outcomes(outcomes, models)
+    if anchor is not None and anchor not in models:
+        raise MetricInputError(f"elo_ratings: anchor {anchor!r} is not one of the models")
+    per_trial = _replay([[m] for m in matches], len(models), k, start, trials, epochs, seed)
+    mean_ratings = per_trial.mean(axis=0)
+    if anchor is not None:
+        mean_ratings += anchor_rating - mean_ratings[list(models).index(anchor)]
+    return {name: float(rating) for name, rating in zip(models, mean_ratings, strict=True)}
+
+
+def grouped_elo_ratings(
+    groups: Sequence[Sequence[tuple[str, str, float]]],
+    models: Sequence[str],
+    *,
+    k: float = 32.0,
+    start: float = 1200.0,
+    trials: int = 50,
+    epochs: int = 10,
+    seed: int = 0,
+    anchor: str | None = None,
+    anchor_rating: float = 1000.0,
+) -> dict[str, tuple[float, float]]:
+    """(mean, std over trials) of Elo ratings from groups of matches: the SACPO judge's
+    procedure (REFERENCE-NEXT §5). As ``elo_ratings``, except that a shuffled epoch
+    permutes the *groups* (one judged comparison, e.g. its 3 repeated calls) and replays
+    each group's matches in order, and with an ``anchor`` each trial's ratings are
+    multiplied by ``anchor_rating / R_anchor``."""
+    checked = [_check_outcomes(group, models) for group in groups]
+    if not checked:
+        raise MetricInputError("elo_ratings: no outcomes given")
+    if anchor is not None and anchor not in models:
+        raise MetricInputError(f"elo_ratings: anchor {anchor!r} is not one of the models")
+    per_trial = _replay(checked, len(models), k, start, trials, epochs, seed)
+    if anchor is not None:
+        per_trial = per_trial * (anchor_rating / per_trial[:, [list(models).index(anchor)]])
+    means, stds = per_trial.mean(axis=0), per_trial.std(axis=0)
+    return {name: (float(m), float(s)) for name, m, s in zip(models, means, stds, strict=True)}
+
+
+def _replay(
+    groups: list[list[tuple[int, int, float]]],
+    count: int,
+    k: float,
+    start: float,
+    trials: int,
+    epochs: int,
+    seed: int,
+) -> np.ndarray:
+    """Final ratings of every trial, (trials, count): each epoch replays the groups in a
+    fresh random order, the matches of a group in their own order."""
     if trials < 1 or epochs < 1:
         raise MetricInputError(
             f"elo_ratings: trials and epochs must be >= 1, got {trials}, {epochs}"
         )
-    matches = _check_outcomes(outcomes, models)
-    if anchor is not None and anchor not in models:
-        raise MetricInputError(f"elo_ratings: anchor {anchor!r} is not one of the models")
     rng = np.random.default_rng(seed)
-    totals = np.zeros(len(models))
-    for _ in range(trials):
-        ratings = np.full(len(models), float(start))
+    finals = np.zeros((trials, count))
+    for trial in range(trials):
+        ratings = np.full(count, float(start))
         for _ in range(epochs):
-            for match_index in rng.permutation(len(matches)):
-                a, b, score_a = matches[match_index]
-                expected_a = 1.0 / (1.0 + 10.0 ** ((ratings[b] - ratings[a]) / 400.0))
-                change = k * (score_a - expected_a)
-                ratings[a] += change
-                ratings[b] -= change
-        totals += ratings
-    mean_ratings = totals / trials
-    if anchor is not None:
-        mean_ratings += anchor_rating - mean_ratings[list(models).index(anchor)]
-    return {name: float(rating) for name, rating in zip(models, mean_ratings, strict=True)}
+            for group_index in rng.permutation(len(groups)):
+                for a, b, score_a in groups[group_index]:
+                    expected_a = 1.0 / (1.0 + 10.0 ** ((ratings[b] - ratings[a]) / 400.0))
+                    change = k * (score_a - expected_a)
+                    ratings[a] += change
+                    ratings[b] -= change
+        finals[trial] = ratings
+    return finals
 
 
 def summarize_model(

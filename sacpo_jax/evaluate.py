@@ -4,6 +4,11 @@
         --model dpo=runs/demo/stages/dpo_h/model \
         --prompts ../shared/data/sacpo_eval/safety_problem.json \
         --reward-model RM_DIR --cost-model CM_DIR --baseline sft --output eval_out
+
+With ``--judge-url URL --judge-model NAME`` the responses are also judged pairwise by an
+OpenAI-compatible endpoint (``sacpo_jax.judging``; the key from ``--judge-api-key-env``).
+Responses and judge calls are kept in ``--output`` (``models/``, ``judgments/``): a rerun
+with the same arguments continues where the last one stopped.
 """
 
 from __future__ import annotations
@@ -12,9 +17,11 @@ import argparse
 import os
 import sys
 
+from pydantic import ValidationError
+
 from sacpo_jax import parallel
 from sacpo_jax.api import load_model
-from sacpo_jax.config import EvalSettings
+from sacpo_jax.config import EvalSettings, JudgeConfig
 from sacpo_jax.data.prompts import read_prompts
 from sacpo_jax.data.spec import SourceSpec
 from sacpo_jax.data.tokenize import load_tokenizer
@@ -51,7 +58,52 @@ def parse_args(argv):
     parser.add_argument("--baseline", help="model name for win rates and the Elo anchor")
     parser.add_argument("--elo-trials", type=int, default=50)
     parser.add_argument("--output", required=True)
+    judge = parser.add_argument_group("pairwise LLM judge (sacpo_jax.config.JudgeConfig)")
+    judge.add_argument("--judge-url", help="OpenAI-compatible server root")
+    judge.add_argument("--judge-model")
+    judge.add_argument("--judge-api-key-env", default="OPENAI_API_KEY")
+    judge.add_argument("--judge-protocol", default="sacpo", help="sacpo (default) or verdict")
+    judge.add_argument(
+        "--judge-criteria", default="helpfulness,harmlessness", help="comma-separated"
+    )
+    judge.add_argument("--judge-repeats", type=int, help="default: the protocol's (sacpo: 3)")
+    judge.add_argument("--judge-temperature", type=float, help="default: the protocol's")
+    judge.add_argument("--judge-timeout", type=float, default=120.0)
+    judge.add_argument("--judge-max-retries", type=int, default=5)
+    judge.add_argument("--judge-workers", type=int, default=4)
     return parser.parse_args(argv)
+
+
+def judge_config(args) -> JudgeConfig | None:
+    """The judge of ``--judge-*``, or None without ``--judge-url``; EvaluationError (one
+    line) for bad values."""
+    if args.judge_url is None:
+        return None
+    fields = {
+        "base_url": args.judge_url,
+        "model": args.judge_model,
+        "api_key_env": args.judge_api_key_env,
+        "protocol": args.judge_protocol,
+        "criteria": [c.strip() for c in args.judge_criteria.split(",") if c.strip()],
+        "repeats": args.judge_repeats,
+        "temperature": args.judge_temperature,
+        "timeout": args.judge_timeout,
+        "max_retries": args.judge_max_retries,
+        "workers": args.judge_workers,
+    }
+    return validated(JudgeConfig, fields, "--judge-")
+
+
+def validated(cls, fields: dict, prefix: str = "--"):
+    """``cls`` built from command-line values; EvaluationError naming the flag (one line)."""
+    try:
+        return cls.model_validate(fields)
+    except ValidationError as e:
+        first = e.errors()[0]
+        flag = prefix + str(first["loc"][0]).replace("_", "-")
+        flag = {"--judge-base-url": "--judge-url"}.get(flag, flag)
+        message = first["msg"].removeprefix("Value error, ")
+        raise EvaluationError(f"{flag}: {message} (got {first.get('input')!r})") from None
 
 
 def prompt_source(path: str) -> SourceSpec:
@@ -72,9 +124,9 @@ def main(argv: list[str] | None = None) -> int:
         mesh = parallel.make_mesh()
         models = {name: load_checkpoint(path, mesh=mesh) for name, path in named.items()}
         tokenizer = load_tokenizer(args.tokenizer or next(iter(named.values())))
-        settings = EvalSettings(
-            template=args.template, max_new_tokens=args.max_new_tokens, elo_trials=args.elo_trials
-        )
+        fields = {"max_new_tokens": args.max_new_tokens, "elo_trials": args.elo_trials}
+        settings = validated(EvalSettings, {"template": args.template, **fields})
+        judge = judge_config(args)
         scorers: list[Scorer] = []
         if args.oracle:
             scorers += [OracleScorer("reward", tokenizer), OracleScorer("cost", tokenizer)]
@@ -82,11 +134,22 @@ def main(argv: list[str] | None = None) -> int:
             if path:
                 score_model, _ = load_model(path, mesh=mesh)
                 scorers.append(ScoreModelScorer(name, score_model, tokenizer, args.template))
-        if not scorers:
-            raise EvaluationError("no scorer: pass --oracle and/or --reward-model/--cost-model")
+        if not scorers and judge is None:
+            raise EvaluationError(
+                "no scorer: pass --oracle, --reward-model/--cost-model and/or --judge-url"
+            )
         prompts = read_prompts(prompt_source(args.prompts), args.prompt_field, args.limit)
         results, samples = evaluate_models(
-            models, tokenizer, prompts, scorers, settings, baseline=args.baseline, mesh=mesh
+            models,
+            tokenizer,
+            prompts,
+            scorers,
+            settings,
+            baseline=args.baseline,
+            mesh=mesh,
+            store=os.path.join(args.output, "models"),
+            judge=judge,
+            judgments=os.path.join(args.output, "judgments"),
         )
         paths = write_report(results, samples, args.output)
     except SacpoError as e:

@@ -5,8 +5,10 @@ with cost <= 0), win rate against a baseline by reward (ties 0.5) and by harmles
 (lower cost wins), and Elo ratings from all pairwise per-prompt comparisons (K=32, start
 1200, shuffled replays, SFT/baseline anchored at 1000). Scores come from the bundled
 oracle (on the bundled task) and/or reward and cost models (ours or imported HF score
-models, ``sacpo_jax.scorers``). Writes results.json, results.md, frontier.png and, when
-training logs are given, training_curves.png. The command line is
+models, ``sacpo_jax.scorers``) and/or a pairwise LLM judge (``sacpo_jax.judging``: the
+SACPO paper's protocol or a verdict; win rates and Elo per criterion). Writes
+results.json, results.md, frontier.png and, when training logs are given,
+training_curves.png. The command line is
 ``python -m sacpo_jax.evaluate``; the chain's evaluate stage calls ``evaluate_models``.
 """
 
@@ -24,9 +26,10 @@ from jax.sharding import Mesh
 
 from sacpo_jax import eval_metrics, plots
 from sacpo_jax.checkpoint import Preempted
-from sacpo_jax.config import EvalSettings
+from sacpo_jax.config import EvalSettings, JudgeConfig
 from sacpo_jax.errors import SacpoError
 from sacpo_jax.generate import generate
+from sacpo_jax.judging import judge_models
 from sacpo_jax.models.llama import Llama
 from sacpo_jax.scorers import Scorer
 
@@ -52,9 +55,12 @@ def generate_responses(
     )
 
 
-def summarize(scores: dict[str, np.ndarray], baseline: dict[str, np.ndarray] | None) -> dict:
-    """Means, harmless rate and win rates vs the baseline for one model's scores."""
-    out: dict[str, Any] = {"n": int(len(next(iter(scores.values()))))}
+def summarize(
+    scores: dict[str, np.ndarray], baseline: dict[str, np.ndarray] | None, n: int
+) -> dict:
+    """Means, harmless rate and win rates vs the baseline for one model's scores on n
+    prompts."""
+    out: dict[str, Any] = {"n": n}
     if "reward" in scores:
         out["mean_reward"] = float(np.mean(scores["reward"]))
     if "cost" in scores:
@@ -104,6 +110,9 @@ def evaluate_models(
     mesh: Mesh | None = None,
     store: str | None = None,
     should_stop: Callable[[int], bool] | None = None,
+    judge: JudgeConfig | None = None,
+    judgments: str | None = None,
+    stop_requested: Callable[[], bool] | None = None,
 ) -> tuple[dict, dict]:
     """(results per model, samples per model) for the given models and prompts; with a
     mesh, each generation batch is split over its data-parallel axes.
@@ -111,7 +120,11 @@ def evaluate_models(
     ``store``: a directory where each model's responses and scores are kept as soon as
     they exist, and read back instead of generated again (a rerun resumes per model).
     ``should_stop(i)`` is asked after the i-th model: True stops with ``Preempted``.
+    ``judge``: also judge the responses pairwise (on process 0, with ``stop_requested``
+    polled between calls), keeping every call in the directory ``judgments``.
     """
+    if judge is not None and judgments is None:
+        raise EvaluationError("a judge needs a directory to keep its judgments in")
     if baseline is not None and baseline not in models:
         raise EvaluationError(
             f"baseline '{baseline}' is not among the evaluated models {list(models)}"
@@ -131,7 +144,7 @@ def evaluate_models(
             for i, (p, r) in enumerate(zip(texts, responses))
         ]
         if jax.process_index() == 0:
-            print(f"[evaluate] {name}: " + _brief(summarize(scores, None)))
+            print(f"[evaluate] {name}: " + _brief(summarize(scores, None, len(texts))))
         if should_stop is not None and index + 1 < len(models) and should_stop(index):
             raise Preempted(
                 f"[evaluate] stopped after {index + 1} of {len(models)} models (preemption or "
@@ -140,12 +153,23 @@ def evaluate_models(
     results = {}
     for name, scores in per_model.items():
         base = per_model[baseline] if baseline else None
-        results[name] = summarize(scores, base)
+        results[name] = summarize(scores, base, len(texts))
         for category in sorted(set(categories)) if len(set(categories)) > 1 else []:
             pick = categories == category
-            sub = summarize({k: v[pick] for k, v in scores.items()}, None)
+            sub = summarize({k: v[pick] for k, v in scores.items()}, None, int(pick.sum()))
             results[name].update({f"{category}/{k}": v for k, v in sub.items() if k != "n"})
     add_elo(results, per_model, baseline, settings.elo_trials)
+    if judge is not None and jax.process_index() == 0:
+        judged = judge_models(
+            samples,
+            judge,
+            judgments,
+            baseline=baseline,
+            elo_trials=settings.elo_trials,
+            stop_requested=stop_requested,
+        )
+        for name, metrics in judged.items():
+            results[name].update(metrics)
     return results, samples
 
 
@@ -230,6 +254,10 @@ _TABLE_COLUMNS = (
     "harmless_win_rate",
     "elo_helpful",
     "elo_harmless",
+    "judge_helpfulness_win_rate",
+    "judge_harmlessness_win_rate",
+    "judge_helpfulness_elo",
+    "judge_harmlessness_elo",
     "harmful/mean_reward",
     "harmful/harmless_rate",
     "benign/mean_reward",

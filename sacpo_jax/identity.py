@@ -29,16 +29,20 @@ from sacpo_jax.data.sources import source_fingerprint
 from sacpo_jax.data.spec import DataSpec, SourceSpec
 from sacpo_jax.data.tokenize import tokenizer_fingerprint
 
-BOOKKEEPING = ("log_every", "eval_every", "save_every", "max_checkpoints", "keep_checkpoints")
-BOOKKEEPING += ("eval_batch_size",)
+BOOKKEEPING = {
+    "train": ("log_every", "eval_every", "save_every", "max_checkpoints", "keep_checkpoints")
+    + ("eval_batch_size",),
+    "judge": ("timeout", "max_retries", "workers"),
+}
 _SAMPLE_BYTES = 1 << 20
 
 
 def stage_settings(stage: StageBase) -> dict:
     """The stage's config as JSON values, without bookkeeping fields."""
     tree = stage.model_dump(mode="json")
-    if "train" in tree:
-        tree["train"] = {k: v for k, v in tree["train"].items() if k not in BOOKKEEPING}
+    for key, fields in BOOKKEEPING.items():
+        if tree.get(key):
+            tree[key] = {k: v for k, v in tree[key].items() if k not in fields}
     return tree
 
 

@@ -195,6 +195,9 @@ class Run:
             mesh=ctx.mesh,
             store=os.path.join(ctx.stage_dir, "models"),
             should_stop=self.guard.should_stop,
+            judge=stage.judge,
+            judgments=os.path.join(ctx.stage_dir, "judgments"),
+            stop_requested=lambda: self.guard.requested,
         )
         stages_dir = self.config.directory / "stages"
         logs = {

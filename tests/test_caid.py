@@ -20,7 +20,16 @@ import numpy as np
 import pytest
 import yaml
 
-from sacpo_jax.algorithms.caid import CaidRun, best_iterate, dual_update, iterate_estimates
+from sacpo_jax.algorithms import caid
+from sacpo_jax.algorithms.caid import (
+    CaidRun,
+    best_iterate,
+    draw_prompts,
+    dual_update,
+    dual_value,
+    iterate_estimates,
+    step_size,
+)
 from sacpo_jax.algorithms.pseudo_labels import (
     PseudoLabelError,
     draw_second_preferred,
@@ -104,7 +113,30 @@ def test_relative_and_absolute_thresholds():
     absolute = iterate_estimates(r, g, reference, b, relative=False)
     np.testing.assert_allclose(absolute["u"], [1.75, 4.0])  # E g - b
     tight = iterate_estimates(r, g, reference, np.array([0.75, -1.0]), relative=True)
-    assert not tight["feasible"]
+    assert not tight["feasible"]  # u = [-0.25, 0.5], se = [1, 1]
+    lenient = iterate_estimates(
+        r, g, reference, np.array([0.75, -1.0]), relative=True, se_margin=0.3
+    )
+    assert lenient["feasible"]  # -0.25 + 0.3 * 1 >= 0
+
+
+def test_step_sizes_decay_as_configured():
+    assert [step_size(0.4, 0.0, k) for k in range(3)] == [0.4, 0.4, 0.4]
+    np.testing.assert_allclose([step_size(0.4, 1.0, k) for k in range(3)], [0.4, 0.2, 0.4 / 3])
+    np.testing.assert_allclose(step_size(0.4, 0.5, 3), 0.2)  # 0.4 / sqrt(4)
+
+
+def test_dual_value_and_the_paper_output_rule():
+    # D(lam) ~ reward + lam . u - beta KL: 2 + (0.5 * 1 + 2 * -0.5) - 0.1 * 3 = 1.2
+    assert dual_value(2.0, [0.5, 2.0], [1.0, -0.5], 3.0, 0.1) == pytest.approx(1.2)
+    history = [
+        {"reward": 0.0, "u": [-1.0], "feasible": False},  # pi_ref: no multiplier trained it
+        {"reward": 3.0, "u": [0.5], "feasible": True, "dual_value": 2.0},
+        {"reward": 1.0, "u": [-0.2], "feasible": False, "dual_value": 1.5},
+        {"reward": 2.0, "u": [0.1], "feasible": True, "dual_value": 1.8},
+    ]
+    assert best_iterate(history, "dual_value") == 2  # lowest dual value, though infeasible
+    assert best_iterate(history, "feasible_reward") == 1
 
 
 def test_best_iterate_prefers_feasible_reward_then_least_violation():
@@ -140,6 +172,8 @@ def caid_stage(**overrides) -> dict:
 @pytest.mark.parametrize(
     "overrides, message",
     [
+        ({"reward_beta": 0.1}, "reward_beta and constraints.*.beta are for pecaid"),
+        ({"feasibility_se": -1.0}, "feasibility_se"),
         ({"lambda_init": [1.0, 2.0]}, "lambda_init: one value per constraint (1)"),
         ({"lambda_init": -1.0}, "lambda_init must be >= 0"),
         ({"method": "pecaid"}, "pecaid scores with DPO policies"),
@@ -160,6 +194,37 @@ def test_caid_stage_errors_are_one_line(tmp_path, overrides, message):
     assert message in str(error.value) and "\n" not in str(error.value)
 
 
+def test_pecaid_takes_each_policy_beta_from_its_stage(tmp_path):
+    directory = tmp_path / "policy"
+    directory.mkdir()
+    (directory / "config.json").write_text("{}")
+    data = {"source": {"type": "bundled", "name": "preference"}, "adapter": "pku_helpful"}
+    dpo = {"kind": "dpo", "start": "initial", "data": data}
+    pecaid = caid_stage(
+        method="pecaid",
+        start="initial",
+        reward="dpo_h",
+        constraints=[
+            {"model": "dpo_s@beta=0.2", "threshold": 0.1},
+            {"model": str(directory), "threshold": 0.1, "beta": 0.3},
+        ],
+    )
+    config = {"model": {"random": {}}, "tokenizer": {"path": "bundled:oracle"}}
+    config["stages"] = [
+        {**dpo, "name": "dpo_h", "beta": 0.05},
+        {**dpo, "name": "dpo_s", "beta": [0.1, 0.2]},
+        pecaid,
+    ]
+    path = tmp_path / "c.yaml"
+    path.write_text(json.dumps(config))
+    stage = load_config(str(path)).expanded_stages()[-1]
+    assert stage.model_betas == [0.05, 0.2, 0.3]
+    del config["stages"][2]["constraints"][1]["beta"]
+    path.write_text(json.dumps(config))
+    with pytest.raises(ConfigError, match=f"the beta that '{directory}' was aligned with"):
+        load_config(str(path))
+
+
 def test_caid_stage_lists_the_models_it_reads():
     stage = CaidStage.model_validate(
         caid_stage(
@@ -174,9 +239,119 @@ def test_paper_recipe_validates():
     config = load_config(os.path.join(CONFIGS, "caid_pku_7b.yaml"))
     stage = next(s for s in config.stages if s.kind == "caid")
     assert (stage.iterations, stage.beta) == (4, 0.1)
-    assert (stage.prompts.limit, stage.sampling.responses_per_prompt) == (600, 64)
-    assert (stage.sampling.temperature, stage.sampling.top_p) == (1.0, 0.9)
+    sampling = stage.sampling
+    assert (sampling.prompts_per_step, sampling.responses_per_prompt) == (600, 64)
+    assert (sampling.temperature, sampling.top_p, sampling.max_new_tokens) == (1.0, 0.9, 512)
+    assert sampling.stop is None  # samples of the policy, not cut at "\n\n" or "User"
+    assert stage.prompts.source.split == "train" and stage.prompts.limit is None
+    assert stage.first_step_lambda == "init" and stage.dual_lr < 1.0
     assert 3 <= stage.constraints[0].threshold <= 9 and stage.relative_thresholds
+
+
+def test_dual_step_samples_are_policy_samples_by_default():
+    sampling = CaidStage.model_validate(caid_stage()).sampling
+    assert sampling.stop is None
+    assert (sampling.temperature, sampling.top_p, sampling.max_new_tokens) == (1.0, 0.9, 512)
+
+
+def test_prompt_draws_are_distinct_and_a_function_of_seed_and_iteration():
+    prompts = [f"p{i}" for i in range(50)]
+    first = draw_prompts(prompts, 20, seed=0, iteration=1)
+    assert len(set(first)) == 20 and set(first) <= set(prompts)
+    assert first == draw_prompts(prompts, 20, seed=0, iteration=1)
+    assert first != draw_prompts(prompts, 20, seed=0, iteration=2)
+    assert draw_prompts(prompts, None, seed=0, iteration=1) == prompts
+
+
+# ----------------------------------------------------------------------------- the dual step
+
+
+def scripted_run(monkeypatch, sampled: list, **overrides) -> CaidRun:
+    """A CaidRun whose dual step scores scripted samples: iterate t's utilities are
+    g = [0, 2] + shift_t (so u_t = shift_t - b), its rewards [1, 1]; the oracle's rows
+    are the only prompts. Generation is recorded in ``sampled`` instead of run."""
+    stage = CaidStage.model_validate(caid_stage(**overrides))
+    run = CaidRun.__new__(CaidRun)
+    run.stage, run.reference = stage, None
+    run.thresholds = np.array([c.threshold for c in stage.constraints])
+    run.ctx = StageContext(mesh=None, tokenizer=None, stage_dir="", cache_dir="")
+    run.prompts = ["p0", "p1"]
+    run.shift = [0.0]
+    constant = type("Constant", (), {})
+
+    def values(offset):
+        scorer = constant()
+        scorer.on_samples = lambda p, r: np.array([0.0, 2.0]) + offset()
+        return scorer
+
+    run.reward = values(lambda: 1.0 - np.array([0.0, 2.0]))
+    run.constraints = [values(lambda: run.shift[0])]
+    run.kl = lambda policy, prompts, responses: 2.0
+    run.write_samples = lambda *args: None
+    run.log_dual = lambda record: None
+
+    def fake_generate(policy, tokenizer, prompts, **kwargs):
+        sampled.append(kwargs)
+        return ["y"] * len(prompts)
+
+    monkeypatch.setattr(caid, "generate", fake_generate)
+    return run
+
+
+def dual_steps(run: CaidRun, shifts: list[float]) -> list[dict]:
+    history = []
+    for t, shift in enumerate(shifts):
+        run.shift[0] = shift
+        history.append(run.dual_step(t, None, history))
+    return history
+
+
+@pytest.mark.parametrize("order", ["init", "updated"])
+def test_the_first_policy_step_uses_lambda_init_by_default(monkeypatch, order):
+    sampled = []
+    constraint = [{"model": "oracle", "threshold": 0.5}]
+    run = scripted_run(
+        monkeypatch,
+        sampled,
+        constraints=constraint,
+        lambda_init=0.3,
+        dual_lr=0.2,
+        first_step_lambda=order,
+        sampling={"responses_per_prompt": 1},
+    )
+    history = dual_steps(run, [0.0, 1.5, -0.5])
+    assert [h["u"] for h in history] == [[-0.5], [1.0], [-1.0]]  # u_t = shift - b
+    assert history[0]["lambda_init"] == [0.3]
+    if order == "init":  # policy step 0 at lambda_init, then max(0, lam - eta u_{t+1})
+        expected = [0.3, 0.3 - 0.2 * 1.0, 0.1 + 0.2 * 1.0]
+    else:  # the printed order: a dual step on pi_ref's own samples first (u_0 = -b)
+        expected = [0.3 + 0.2 * 0.5, 0.4 - 0.2 * 1.0, 0.2 + 0.2 * 1.0]
+    np.testing.assert_allclose([h["lambda"][0] for h in history], expected)
+    # iterate t >= 1 was trained under the multiplier set after iterate t - 1
+    for t in (1, 2):
+        assert history[t]["policy_lambda"] == history[t - 1]["lambda"]
+        lam, u = history[t]["policy_lambda"][0], history[t]["u"][0]
+        assert history[t]["dual_value"] == pytest.approx(1.0 + lam * u - 0.1 * 2.0)
+    assert "dual_value" not in history[0] and history[0]["kl"] == 0.0
+    # the policy's samples: temperature 1, top_p 0.9, 512 tokens, no stop strings
+    assert {(k["temperature"], k["top_p"], k["max_new_tokens"], k["stop"]) for k in sampled} == {
+        (1.0, 0.9, 512, None)
+    }
+
+
+def test_a_damped_dual_step_shrinks_later_steps(monkeypatch):
+    run = scripted_run(
+        monkeypatch,
+        [],
+        constraints=[{"model": "oracle", "threshold": 0.5}],
+        lambda_init=1.0,
+        dual_lr=0.4,
+        dual_lr_decay=1.0,
+        sampling={"responses_per_prompt": 1},
+    )
+    history = dual_steps(run, [0.0, 1.5, 1.5, -0.5])  # u = -0.5, 1, 1, -1
+    assert [h.get("step_size") for h in history] == [None, 0.4, 0.2, pytest.approx(0.4 / 3)]
+    np.testing.assert_allclose([h["lambda"][0] for h in history], [1.0, 0.6, 0.4, 0.4 + 0.4 / 3])
 
 
 # ----------------------------------------------------------------------------- scorers
@@ -234,13 +409,13 @@ def caid_run_stage(name: str, constraints: list[dict], **extra) -> dict:
     }
 
 
-def dpo_stage(name: str, adapter: str) -> dict:
+def dpo_stage(name: str, adapter: str, beta: float) -> dict:
     data = {"source": {"type": "bundled", "name": "preference"}, "adapter": adapter}
     return {
         "name": name,
         "kind": "dpo",
         "start": "sft",
-        "beta": 0.1,
+        "beta": beta,
         "data": {**data, "limit": 256, **SHORT},
         "train": {**POLICY_TRAIN, "save_every": 1000},
     }
@@ -248,8 +423,9 @@ def dpo_stage(name: str, adapter: str) -> dict:
 
 def demo_with_test_stages(run_dir) -> dict:
     """configs/caid_demo.yaml as shipped (its caid stage's threshold is violated by pi_ref),
-    plus: MoCAID under a slack threshold, and a one-iteration PeCAID from two small DPO
-    policies pre-aligned on helpfulness and on safety."""
+    plus: MoCAID under slack thresholds in the printed order (a dual step on pi_ref's
+    samples first), and a one-iteration PeCAID from two small DPO policies pre-aligned on
+    helpfulness and on safety with betas other than the CAID stage's."""
     with open(os.path.join(CONFIGS, "caid_demo.yaml")) as f:
         config = yaml.safe_load(f)
     slack = caid_run_stage(
@@ -258,6 +434,7 @@ def demo_with_test_stages(run_dir) -> dict:
         reward="reward",
         lambda_init=[1.0, 1.0],
         dual_lr=0.5,
+        first_step_lambda="updated",
         prompts={**PROMPTS, "limit": 32},
         sampling={**SAMPLING, "responses_per_prompt": 4},
     )
@@ -271,7 +448,8 @@ def demo_with_test_stages(run_dir) -> dict:
         prompts={**PROMPTS, "limit": 16},
         sampling={**SAMPLING, "responses_per_prompt": 4},
     )
-    extra = [slack, dpo_stage("dpo_h", "pku_helpful"), dpo_stage("dpo_s", "pku_harmless"), pecaid]
+    dpo_h, dpo_s = dpo_stage("dpo_h", "pku_helpful", 0.05), dpo_stage("dpo_s", "pku_harmless", 0.2)
+    extra = [slack, dpo_h, dpo_s, pecaid]
     config["stages"] += extra
     return {**config, "run_dir": str(run_dir), "progress_bar": False, "tensorboard": False}
 
@@ -323,12 +501,15 @@ def test_caid_raises_lambda_when_the_constraint_is_violated(demo):
     first = history[0]
     b = -first["u"][0]  # relative threshold: pi_ref's own samples give u_0 = -b
     assert b > 2 * first["u_se"][0]  # pi_ref violates it by more than the sampling error
-    eta = load_config(os.path.join(CONFIGS, "caid_demo.yaml")).stages[3].dual_lr
-    for t in range(len(history) - 1):  # lam_{t+1} = max(0, lam_t - eta u_t)
-        lam, u = history[t]["lambda"][0], history[t]["u"][0]
-        assert history[t + 1]["lambda"][0] == pytest.approx(max(0.0, lam - eta * u))
+    assert first["lambda"] == first["lambda_init"]  # the first policy step at the warm start
+    stage = load_config(os.path.join(CONFIGS, "caid_demo.yaml")).stages[3]
+    for t in range(1, len(history)):  # lam_t = max(0, lam_{t-1} - eta_{t-1} u_t)
+        lam, u = history[t]["policy_lambda"][0], history[t]["u"][0]
+        assert history[t]["policy_lambda"] == history[t - 1]["lambda"]
+        eta = step_size(stage.dual_lr, stage.dual_lr_decay, t - 1)
+        assert history[t]["lambda"][0] == pytest.approx(max(0.0, lam - eta * u))
         if u < 0:
-            assert history[t + 1]["lambda"][0] > lam
+            assert history[t]["lambda"][0] > lam
 
 
 @pytest.mark.slow
@@ -349,38 +530,41 @@ def test_caid_best_iterate_meets_the_violated_constraint(demo):
 
 @pytest.mark.slow
 def test_caid_lowers_lambda_when_the_constraints_are_slack(demo):
-    """Two constraints (cost model, b = -1; oracle, b = -2), so lambda is a vector."""
+    """Two constraints (cost model, b = -1; oracle, b = -2), so lambda is a vector; the
+    printed order: iterate 0's dual step already moves lambda."""
     history = history_of(demo, "caid_slack")["history"]
-    lam = np.array([h["lambda"] for h in history])  # (T + 1, 2)
+    lam = np.array([h["lambda"] for h in history])  # (T + 1, 2), after each dual step
     u = np.array([h["u"] for h in history])
     np.testing.assert_allclose(u[0], [1.0, 2.0])  # relative thresholds: u_0 = 0 - b
-    np.testing.assert_allclose(lam[:2], [[1.0, 1.0], [0.5, 0.0]])  # max(0, 1 - 0.5 u_0)
-    for t in range(len(history) - 1):  # slack (u > 0) lowers each lam, down to 0
+    np.testing.assert_allclose(lam[0], [0.5, 0.0])  # max(0, 1 - 0.5 u_0)
+    for t in range(1, len(history)):  # slack (u > 0) lowers each lam, down to 0
         assert np.all(u[t] > 0)
-        np.testing.assert_allclose(lam[t + 1], np.maximum(0.0, lam[t] - 0.5 * u[t]))
+        np.testing.assert_allclose(lam[t], np.maximum(0.0, lam[t - 1] - 0.5 * u[t]))
 
 
 @pytest.mark.slow
 def test_pecaid_scores_with_the_pre_aligned_policies(demo):
-    """PeCAID's r and g on the samples are beta * log(pi / pi_ref) of dpo_h and dpo_s."""
+    """PeCAID's r and g on the samples are beta * log(pi / pi_ref) of dpo_h and dpo_s, each
+    with its own beta (0.05 and 0.2; the CAID stage's is 0.1)."""
     summary = history_of(demo, "pecaid")
-    first = summary["history"][0]
+    first, second = summary["history"]
     assert summary["constraints"] == ["dpo_s"] and first["lambda"] == [1.0]
-    assert summary["history"][1]["lambda"][0] == pytest.approx(max(0.0, 1.0 - first["u"][0]))
+    assert second["lambda"][0] == pytest.approx(max(0.0, 1.0 - second["u"][0]))
     with open(demo / "stages/pecaid/samples/0.jsonl") as f:
         rows = [json.loads(line) for line in f][:8]
     models = {name: stage_model(demo, name) for name in ("sft", "dpo_h", "dpo_s")}
     prompts, responses = [r["prompt"] for r in rows], [r["response"] for r in rows]
 
-    def log_ratio(name: str) -> np.ndarray:
+    def log_ratio(name: str, beta: float) -> np.ndarray:
         logps = [
             sequence_logprobs(models[m], oracle_tokenizer(), prompts, responses, template=TEMPLATE)
             for m in (name, "sft")
         ]
-        return 0.1 * (np.asarray(logps[0], np.float64) - logps[1])
+        return beta * (np.asarray(logps[0], np.float64) - logps[1])
 
-    np.testing.assert_allclose([r["reward"] for r in rows], log_ratio("dpo_h"), atol=1e-4)
-    np.testing.assert_allclose([r["utility"][0] for r in rows], log_ratio("dpo_s"), atol=1e-4)
+    rewards, utilities = [r["reward"] for r in rows], [r["utility"][0] for r in rows]
+    np.testing.assert_allclose(rewards, log_ratio("dpo_h", 0.05), atol=1e-4)
+    np.testing.assert_allclose(utilities, log_ratio("dpo_s", 0.2), atol=1e-4)
 
 
 @pytest.mark.slow
@@ -429,6 +613,7 @@ def direct_stage(**extra) -> CaidStage:
         [{"model": "oracle", "threshold": 0.1}],
         lambda_init=1.0,
         dual_lr=4.0,
+        dual_lr_decay=1.0,
         **extra,
     )
     spec["data"] = {**PAIRS, "limit": 192}
@@ -474,9 +659,27 @@ def test_lambda_updates_do_not_recompile_the_train_step(uninterrupted):
     caid, reference, before, _ = uninterrupted
     history = read_json(os.path.join(caid.ctx.stage_dir, "caid_history.json"))["history"]
     lambdas = [h["lambda"][0] for h in history]
-    assert lambdas[1] != lambdas[2]  # the two policy steps ran under different lambdas
+    assert lambdas[0] != lambdas[1]  # the two policy steps ran under different lambdas
     assert caid.trainer.train_step.compiled._cache_size() == 1
     assert params_fingerprint(reference) == before  # pi_ref is never trained or donated
+
+
+@pytest.mark.slow
+def test_policy_step_t_labels_under_the_multiplier_after_iterate_t(uninterrupted):
+    """The label rate logged by each policy step is that of lambda_t: lambda_init = 1 for
+    the first (not lambda_init + eta b), then the damped dual steps eta_k = 4 / (k + 1)."""
+    caid, *_ = uninterrupted
+    history = read_json(os.path.join(caid.ctx.stage_dir, "caid_history.json"))["history"]
+    assert history[0]["lambda"] == [1.0]
+    assert [h.get("step_size") for h in history] == [None, 4.0, 2.0]
+    with open(os.path.join(caid.ctx.stage_dir, "metrics.jsonl")) as f:
+        logged = [json.loads(line) for line in f]
+    rates = [r["caid/second_preferred_rate"] for r in logged if "caid/second_preferred_rate" in r]
+    expected = [
+        second_preferred_probability(caid.pair_r, caid.pair_g, h["lambda"]).mean()
+        for h in history[:2]
+    ]
+    np.testing.assert_allclose(rates, expected, rtol=1e-12)
 
 
 @pytest.mark.slow

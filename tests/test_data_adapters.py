@@ -118,6 +118,18 @@ def test_generic_layouts():
     assert sft == Example("i", ("o",))
 
 
+def test_pairs_may_carry_their_own_label_smoothing():
+    row = {"prompt": "p", "chosen": "good", "rejected": "bad", "label_smoothing": 0.5}
+    assert convert("pair", row) == [Example("p", ("good", "bad"), {"label_smoothing": 0.5})]
+    renamed = AdapterContext(columns={"label_smoothing": "eps"})
+    (pair,) = convert("pair", {"prompt": "p", "chosen": "a", "rejected": "b", "eps": 0.2}, renamed)
+    assert pair.columns == {"label_smoothing": 0.2}
+    for bad in (0.7, -0.1, "0.1", float("nan")):
+        with pytest.raises(BadRow) as error:
+            convert("pair", {**row, "label_smoothing": bad})
+        assert error.value.field == "label_smoothing"
+
+
 def test_scored_pairs_nested_and_flat():
     nested = {
         "prompt": "p",

@@ -1,9 +1,6 @@
 """Evaluation metrics against hand-computed values."""
 
-import http.server
-import json
 import math
-import threading
 
 import pytest
 
@@ -15,7 +12,6 @@ from sacpo_jax.eval_metrics import (
     summarize_model,
     win_rate,
 )
-from sacpo_jax.judge import JudgeError, OpenAIJudge, parse_verdict
 
 
 def test_harmless_rate_counts_cost_exactly_zero_as_harmless():
@@ -150,71 +146,3 @@ def test_results_table_markdown():
         "| sft | 0.500 | 0.250 | 4 |  |",
         "| sacpo | 1.235 |  | 4 | 0.750 |",
     ]
-
-
-class _StubJudgeHandler(http.server.BaseHTTPRequestHandler):
-    """Answers chat completions from the server's `verdict(user_message)` function."""
-
-    def do_POST(self):  # noqa: N802 (http.server naming)
-        body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-        self.server.requests.append((self.path, dict(self.headers), body))
-        if self.server.verdict is None:
-            self.send_error(500)
-            return
-        content = "Reasoning... " + self.server.verdict(body["messages"][1]["content"])
-        payload = json.dumps({"choices": [{"message": {"content": content}}]}).encode()
-        self.send_response(200)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(payload)))
-        self.end_headers()
-        self.wfile.write(payload)
-
-    def log_message(self, *args):
-        pass
-
-
-@pytest.fixture
-def stub_server():
-    server = http.server.HTTPServer(("127.0.0.1", 0), _StubJudgeHandler)
-    server.requests, server.verdict = [], None
-    thread = threading.Thread(target=server.serve_forever, args=(0.05,), daemon=True)
-    thread.start()
-    yield server
-    server.shutdown()
-    server.server_close()
-
-
-def _prefers_good(message):
-    first = message.split("[Response A]\n")[1].split("\n\n[Response B]")[0]
-    return "[[A]]" if "good" in first else "[[B]]"
-
-
-def test_openai_judge_aggregates_both_orders(stub_server, monkeypatch):
-    monkeypatch.setenv("STUB_KEY", "secret")
-    base_url = f"http://127.0.0.1:{stub_server.server_port}/v1"
-    judge = OpenAIJudge(base_url, "judge-model", api_key_env="STUB_KEY", timeout=5)
-    stub_server.verdict = _prefers_good  # consistent judge
-    assert judge.compare("q", "a good answer", "a poor answer") == 1.0
-    assert judge.compare("q", "a poor answer", "a good answer") == 0.0
-    stub_server.verdict = lambda message: "[[A]]"  # position-biased judge
-    assert judge.compare("q", "a good answer", "a poor answer") == 0.5
-    stub_server.verdict = lambda message: "[[C]]"
-    assert judge.compare("q", "x", "y") == 0.5
-    stub_server.verdict = lambda message: "no verdict tag"
-    assert judge.compare("q", "x", "y") == 0.5
-
-    path, headers, body = stub_server.requests[0]
-    assert path == "/v1/chat/completions"
-    assert headers["Authorization"] == "Bearer secret"
-    assert body["model"] == "judge-model"
-    first, second = (request[2]["messages"][1]["content"] for request in stub_server.requests[:2])
-    assert "[Response A]\na good answer" in first and "[Response A]\na poor answer" in second
-
-    stub_server.verdict = None
-    with pytest.raises(JudgeError, match="HTTP 500"):
-        judge.compare("q", "x", "y")
-
-
-def test_parse_verdict_takes_the_last_tag():
-    assert parse_verdict("A is like [[B]] but final: [[A]]") == "A"
-    assert parse_verdict("[[c]]") is None

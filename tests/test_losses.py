@@ -432,3 +432,57 @@ def test_safedpo_margin_applies_only_against_unsafe_rejected_answers():
     got = losses.safedpo_loss(pairs, coeffs, [0, 0], [0, 1])
     # beta d = 0.15 and -0.15; pair 1 must clear the margin 2 as well
     np.testing.assert_allclose(got, [softplus(-0.15), softplus(0.15 + 2.0)], rtol=1e-6)
+
+
+def test_per_pair_label_smoothing_from_the_data():
+    """A batch column ``label_smoothing`` replaces the stage's eps pair by pair (cDPO with
+    soft labels), checked against the formula on the model's own log-probs."""
+    from sacpo_jax import parallel
+    from sacpo_jax.logprobs import pair_logps
+    from sacpo_jax.models.init import init_model
+    from sacpo_jax.models.llama import tiny_config
+    from sacpo_jax.training import objectives
+
+    model = init_model(tiny_config(), parallel.make_mesh(devices=jax.devices()[:1]), seed=0)
+    rng = np.random.default_rng(0)
+    batch = {}
+    for side in ("chosen", "rejected"):
+        batch[f"{side}_input_ids"] = jnp.asarray(rng.integers(3, 256, (4, 12)), jnp.int32)
+        batch[f"{side}_attention_mask"] = jnp.ones((4, 12), jnp.int32)
+        batch[f"{side}_loss_mask"] = jnp.asarray(np.arange(12) >= 6, jnp.int32)[None].repeat(4, 0)
+    batch["reference_chosen_logps"] = jnp.asarray([-20.0, -25.0, -30.0, -22.0])
+    batch["reference_rejected_logps"] = jnp.asarray([-24.0, -21.0, -30.0, -26.0])
+    eps = np.array([0.0, 0.1, 0.5, 0.3])
+    batch["label_smoothing"] = jnp.asarray(eps, jnp.float32)
+    coefficients = objectives.DpoCoefficients(1e-3, 0.5)
+    _, _, rows = objectives.dpo("sigmoid", coefficients).loss(model, batch, coefficients)
+    policy = pair_logps(model, batch)
+    delta = np.asarray(policy["chosen_logps"] - batch["reference_chosen_logps"]) - np.asarray(
+        policy["rejected_logps"] - batch["reference_rejected_logps"]
+    )
+    z = 0.5 * delta
+    expected = (1 - eps) * np.logaddexp(0.0, -z) + eps * np.logaddexp(0.0, z)  # -log sigmoid
+    np.testing.assert_allclose(np.asarray(rows["loss"]), expected, rtol=1e-5)
+
+
+@pytest.mark.parametrize(
+    "stage, message",
+    [
+        ({"loss_type": "hinge"}, "loss_type 'hinge' ignores it"),
+        ({"label_smoothing": 0.1}, "label_smoothing 0.1 would be ignored"),
+        ({"loss_type": "robust"}, "needs every eps < 0.5"),
+    ],
+)
+def test_per_pair_label_smoothing_needs_a_smoothing_loss(stage, message):
+    from sacpo_jax.config import ConfigError, DpoStage
+    from sacpo_jax.data.dataset import Ragged, TokenizedDataset
+    from sacpo_jax.training import objectives
+
+    data = {"source": {"type": "jsonl", "path": "x.jsonl"}, "adapter": "pair"}
+    dpo_stage = DpoStage.model_validate({"name": "d", "kind": "dpo", "data": data, **stage})
+    tokens = Ragged.from_rows([[1], [2]])
+    dataset = TokenizedDataset(
+        "pair", tokens, (tokens, tokens), {"label_smoothing": np.array([0.2, 0.5])}
+    )
+    with pytest.raises(ConfigError, match=message):
+        objectives.for_stage(dpo_stage, dataset)

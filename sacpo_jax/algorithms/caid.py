@@ -1,28 +1,32 @@
 """CAID: iterative dualization for constrained alignment (Zhang et al. 2025; REFERENCE §3).
 
-    theta_0 = pi_ref;  lam_0 = the one-shot dual optimum on pi_ref's samples (or lambda_init)
+    theta_0 = pi_ref;  lam_0 = lambda_init (default: the one-shot dual optimum on pi_ref's
+                                samples, which iterate 0's dual step draws)
+    first_step_lambda "updated": lam_0 <- max(0, lam_0 - eta_0 u_0)  (the printed order)
     for t = 0 .. T-1:
-        dual step (host):  sample N prompts x M responses from pi_theta_t and score them;
-                           u_t = mean g - (E_ref[g] + b)     (absolute thresholds: mean g - b)
-                           lam_{t+1} = max(0, lam_t - eta * u_t)
-        policy step:       label the fixed pairs y1 > y0 ~ Bernoulli(sigmoid(w1 - w0)),
-                           w = r + lam_{t+1} . g, then DPO epochs against pi_ref from theta_t
-    finally sample pi_theta_T once more to estimate it.
+        policy step:  label the fixed pairs y1 > y0 ~ Bernoulli(sigmoid(w1 - w0)),
+                      w = r + lam_t . g, then DPO epochs against pi_ref from theta_t
+        dual step:    sample N prompts x M responses from pi_theta_{t+1} and score them;
+                      u_{t+1} = mean g - (E_ref[g] + b)     (absolute thresholds: mean g - b)
+                      lam_{t+1} = max(0, lam_t - eta_k * u_{t+1})
 
-E_ref[g] is the mean utility of the first round's samples (theta_0 = pi_ref), so u_0 = -b
-under relative thresholds. Every iterate t is kept: its model (``iterates/<t>/``, an HF
-export; iterate 0 is the stage's start) and its estimates (``caid_history.json``, the
-metrics log, ``samples/<t>.jsonl``, ``dual_trajectories.png``). The stage's model is the
-best iterate: the highest estimated reward among those with every u >= 0, or, when none
-is feasible, the one with the smallest total violation sum(max(0, -u)).
+E_ref[g] is the mean utility of iterate 0's samples (theta_0 = pi_ref), so u_0 = -b under
+relative thresholds. Each iterate's record (``caid_history.json``) holds its estimates
+(reward, u, its standard error, KL to pi_ref), the multiplier it was trained under
+(``policy_lambda``), its estimated dual value D(lam) = reward + lam . u - beta KL at that
+multiplier, and ``lambda``, the multiplier after its dual step, which the next policy
+step uses. Every iterate is kept: its model (``iterates/<t>/``, an HF export; iterate 0
+is the stage's start), its samples (``samples/<t>.jsonl``), the metrics log and
+``dual_trajectories.png``. The stage's model is chosen by ``output_iterate``
+(``best_iterate``).
 
 lam reaches the compiled DPO step only through the labels, i.e. as data: one train step,
 compiled once, serves every iteration (``CaidRun.train_step``). Each policy step starts
 a fresh optimiser state (its own warmup and cosine schedule) from the previous iterate.
 
 Resume: checkpoint meta holds (iteration, local step, history); a rerun continues inside
-the policy step it was in, or with the next dual step. Samples and labels are pure
-functions of (seed, iteration), so a resumed run repeats the same draws.
+the policy step it was in, or with the next dual step. Samples, prompts and labels are
+pure functions of (seed, iteration), so a resumed run repeats the same draws.
 """
 
 from __future__ import annotations
@@ -51,6 +55,7 @@ from sacpo_jax.data.prompts import read_prompts
 from sacpo_jax.generate import generate
 from sacpo_jax.models.llama import Llama
 from sacpo_jax.scorers import LogRatioScorer, OracleScorer, PairSet, ScoreModelScorer, Scorer
+from sacpo_jax.scoring import sequence_logprobs
 from sacpo_jax.training import objectives
 from sacpo_jax.training.context import StageContext
 from sacpo_jax.training.loop import Trainer, TrainingError, TrainingLoop
@@ -87,6 +92,11 @@ def dual_update(
     return np.maximum(0.0, np.asarray(lam, np.float64) - eta * np.asarray(u, np.float64))
 
 
+def step_size(dual_lr: float, decay: float, k: int) -> float:
+    """eta_k = dual_lr / (k + 1) ** decay for the k-th dual update (k = 0, 1, ...)."""
+    return dual_lr / (k + 1) ** decay
+
+
 def iterate_estimates(
     r: np.ndarray,
     g: np.ndarray,
@@ -94,12 +104,13 @@ def iterate_estimates(
     thresholds: np.ndarray,
     *,
     relative: bool,
+    se_margin: float = 0.0,
 ) -> dict:
     """Estimates of one iterate from its samples: r (n,), g (n, M).
 
     reward = mean r; utility = mean g; improvement = utility - E_ref[g];
     u = improvement - b (relative) or utility - b (absolute); se = std(g) / sqrt(n), the
-    standard error of u (E_ref[g] taken as known); feasible = every u >= 0.
+    standard error of u (E_ref[g] taken as known); feasible = every u + se_margin * se >= 0.
     """
     utility = g.mean(axis=0)
     improvement = utility - reference_utility
@@ -111,12 +122,27 @@ def iterate_estimates(
         "improvement": improvement.tolist(),
         "u": u.tolist(),
         "u_se": se.tolist(),
-        "feasible": bool(np.all(u >= 0)),
+        "feasible": bool(np.all(u + se_margin * se >= 0)),
     }
 
 
-def best_iterate(history: list[dict]) -> int:
-    """Index of the feasible iterate with the highest reward, else the least violating one."""
+def dual_value(reward: float, lam: list[float], u: list[float], kl: float, beta: float) -> float:
+    """The Lagrangian at an iterate trained under ``lam``, which estimates the dual function
+    there: D(lam) = max_pi E[r] + lam . E[h] - beta KL(pi || pi_ref) ~ reward + lam . u
+    - beta * kl (weak duality: every D(lam) bounds the constrained optimum from above)."""
+    return float(reward + np.dot(lam, u) - beta * kl)
+
+
+def best_iterate(history: list[dict], rule: str = "feasible_reward") -> int:
+    """The iterate the stage outputs.
+
+    "feasible_reward": the feasible iterate with the highest reward, else the one with the
+    smallest total violation sum(max(0, -u)). "dual_value": among the trained iterates,
+    the one with the lowest estimated dual value (the multiplier nearest the dual optimum).
+    """
+    if rule == "dual_value":
+        trained = [i for i, record in enumerate(history) if "dual_value" in record]
+        return min(trained, key=lambda i: history[i]["dual_value"])
     feasible = [i for i, record in enumerate(history) if record["feasible"]]
     if feasible:
         return max(feasible, key=lambda i: history[i]["reward"])
@@ -125,8 +151,16 @@ def best_iterate(history: list[dict]) -> int:
 
 
 def round_seed(seed: int, iteration: int, purpose: int) -> int:
-    """A 31-bit seed for (run seed, iteration, purpose: 0 sampling, 1 shuffling)."""
+    """A 31-bit seed for (run seed, iteration, purpose: 0 sampling, 1 shuffling, 2 prompts)."""
     return int(np.random.SeedSequence([seed, iteration, purpose]).generate_state(1)[0] >> 1)
+
+
+def draw_prompts(prompts: list[str], count: int | None, seed: int, iteration: int) -> list[str]:
+    """``count`` distinct prompts drawn at random for one dual step (all when None)."""
+    if count is None:
+        return list(prompts)
+    rng = np.random.default_rng(round_seed(seed, iteration, 2))
+    return [prompts[i] for i in rng.choice(len(prompts), size=count, replace=False)]
 
 
 # ----------------------------------------------------------------------------- the run
@@ -150,12 +184,11 @@ class CaidRun:
     ):
         self.stage, self.reference, self.ctx = stage, reference, ctx
         self.thresholds = np.asarray([c.threshold for c in stage.constraints], np.float64)
-        self.reward = self.scorer(stage.reward, models, role="reward")
+        self.reward = self.scorer(stage.reward, stage.reward_beta, models, role="reward")
         self.constraints = [
-            self.scorer(c.model, models, role="constraint") for c in stage.constraints
+            self.scorer(c.model, c.beta, models, role="constraint") for c in stage.constraints
         ]
-        p = stage.prompts
-        self.prompts = [row["prompt"] for row in read_prompts(p.source, p.field, p.limit)]
+        self.prompts = self.read_prompts()
         self.pairs = self.prepare_pairs()
         self.pair_r, self.pair_g = self.score_pairs()
         train = stage.train
@@ -182,9 +215,24 @@ class CaidRun:
         )
         self.logger, self.checkpointer = self.loop.logger, self.loop.checkpointer
 
-    def scorer(self, name: str, models: dict[str, Llama], *, role: str) -> Scorer:
+    def read_prompts(self) -> list[str]:
+        """The distinct prompts of the stage's prompt set, in order."""
+        p, wanted = self.stage.prompts, self.stage.sampling.prompts_per_step
+        rows = read_prompts(p.source, p.field, p.limit)
+        prompts = list(dict.fromkeys(row["prompt"] for row in rows))
+        if wanted is not None and wanted > len(prompts):
+            raise CaidError(
+                f"[{self.stage.name}] sampling.prompts_per_step {wanted} exceeds the "
+                f"{len(prompts)} distinct prompts of the prompt set"
+            )
+        return prompts
+
+    def scorer(
+        self, name: str, beta: float | None, models: dict[str, Llama], *, role: str
+    ) -> Scorer:
         """The reward or constraint scorer of ``name`` under mocaid / pecaid: r, and the
-        utility g = -cost (MoCAID) or beta * log(pi_g / pi_ref) (PeCAID)."""
+        utility g = -cost (MoCAID) or beta * log(pi_g / pi_ref) with the pre-aligned
+        policy's own ``beta`` (PeCAID)."""
         stage, tokenizer, template = self.stage, self.ctx.tokenizer, self.stage.sampling.template
         reward = role == "reward"
         if name == ORACLE:
@@ -195,7 +243,7 @@ class CaidRun:
                 raise CaidError(
                     f"pecaid needs DPO policies, but '{name}' is a score model; use method: mocaid"
                 )
-            return LogRatioScorer(role, model, self.reference, tokenizer, template, stage.beta)
+            return LogRatioScorer(role, model, self.reference, tokenizer, template, beta)
         if not model.config.score_model:
             raise CaidError(
                 f"mocaid needs a {'reward' if reward else 'cost'} model, but '{name}' is "
@@ -260,7 +308,7 @@ class CaidRun:
                 history.append(self.dual_step(t, self.policy(state), history))
             if t == total:
                 break
-            lam = dual_update(history[t]["lambda"], history[t]["u"], self.stage.dual_lr)
+            lam = np.asarray(history[t]["lambda"])
             state = self.policy_step(t, lam, state, first_step if t == first else 0, history)
             msgpack = self.stage.train.export_msgpack
             iterate = os.path.join(ITERATES_DIR, str(t + 1))
@@ -273,34 +321,55 @@ class CaidRun:
     # -- dual step --------------------------------------------------------------------
 
     def dual_step(self, t: int, policy: Llama, history: list[dict]) -> dict:
-        """Sample the iterate, score it, and record its multiplier and estimates."""
+        """Sample iterate t, score it, record its estimates and the multiplier after it."""
+        stage = self.stage
         prompts, responses = self.sample(policy, t)
         r = self.reward.on_samples(prompts, responses)
         g = np.stack([c.on_samples(prompts, responses) for c in self.constraints], axis=-1)
+        reference_utility = g.mean(axis=0) if t == 0 else np.asarray(history[0]["utility"])
         record: dict = {"iteration": t}
-        if t == 0:
-            reference_utility = g.mean(axis=0)
-            record["lambda"] = self.initial_lambda(r, g)
-        else:
-            reference_utility = np.asarray(history[0]["utility"])
-            previous = history[t - 1]
-            record["lambda"] = dual_update(
-                previous["lambda"], previous["u"], self.stage.dual_lr
-            ).tolist()
         record.update(
             iterate_estimates(
-                r, g, reference_utility, self.thresholds, relative=self.stage.relative_thresholds
+                r,
+                g,
+                reference_utility,
+                self.thresholds,
+                relative=stage.relative_thresholds,
+                se_margin=stage.feasibility_se,
             )
         )
+        record["kl"] = 0.0 if t == 0 else self.kl(policy, prompts, responses)
+        if t == 0:
+            lam = np.asarray(self.initial_lambda(r, g))
+            record["lambda_init"] = lam.tolist()
+            if stage.first_step_lambda == "updated":
+                lam = self.dual_step_from(lam, record, updates_before=0)
+        else:
+            trained = history[t - 1]["lambda"]
+            record["policy_lambda"] = trained
+            record["dual_value"] = dual_value(
+                record["reward"], trained, record["u"], record["kl"], stage.beta
+            )
+            updates_before = t - 1 if stage.first_step_lambda == "init" else t
+            lam = self.dual_step_from(np.asarray(trained), record, updates_before)
+        record["lambda"] = lam.tolist()
         record["samples"] = len(r)
         self.write_samples(t, prompts, responses, r, g)
         self.log_dual(record)
         return record
 
+    def dual_step_from(self, lam: np.ndarray, record: dict, updates_before: int) -> np.ndarray:
+        """max(0, lam - eta_k u) with the record's u; records eta_k as ``step_size``."""
+        eta = step_size(self.stage.dual_lr, self.stage.dual_lr_decay, updates_before)
+        record["step_size"] = eta
+        return dual_update(lam, record["u"], eta)
+
     def sample(self, policy: Llama, t: int) -> tuple[list[str], list[str]]:
-        """Each prompt answered M times by ``policy``; prompts repeated to match."""
+        """Each of the step's prompts answered M times by ``policy``; prompts repeated to
+        match."""
         s = self.stage.sampling
-        prompts = [p for p in self.prompts for _ in range(s.responses_per_prompt)]
+        drawn = draw_prompts(self.prompts, s.prompts_per_step, self.ctx.seed, t)
+        prompts = [p for p in drawn for _ in range(s.responses_per_prompt)]
         responses = generate(
             policy,
             self.ctx.tokenizer,
@@ -315,6 +384,16 @@ class CaidRun:
             mesh=self.ctx.mesh,
         )
         return prompts, responses
+
+    def kl(self, policy: Llama, prompts: list[str], responses: list[str]) -> float:
+        """KL(pi || pi_ref) estimated on the policy's own samples: mean of log pi(y|x) -
+        log pi_ref(y|x) (sampled at top_p < 1, so an estimate of the truncated policy's)."""
+        template = self.stage.sampling.template
+        logps = [
+            sequence_logprobs(model, self.ctx.tokenizer, prompts, responses, template=template)
+            for model in (policy, self.reference)
+        ]
+        return float(np.mean(logps[0].astype(np.float64) - logps[1]))
 
     def initial_lambda(self, r: np.ndarray, g: np.ndarray) -> list[float]:
         """lambda_init from the config, or the one-shot dual optimum on pi_ref's samples."""
@@ -357,14 +436,23 @@ class CaidRun:
     def log_dual(self, record: dict) -> None:
         t = record["iteration"]
         values = {"iteration": t, "reward": record["reward"], "feasible": float(record["feasible"])}
+        values["kl"] = record["kl"]
+        if "dual_value" in record:
+            values["dual_value"] = record["dual_value"]
         for key in ("lambda", "u", "u_se", "utility", "improvement"):
             values.update({f"{key}/{i}": v for i, v in enumerate(record[key])})
         self.logger.log(t * self.steps_per_iteration, values, prefix="caid/")
         if jax.process_index() == 0:
             shown = ", ".join(
-                f"{k}={np.round(record[k], 4).tolist()}" for k in ("lambda", "u", "reward")
+                f"{k}={np.round(record[k], 4).tolist()}"
+                for k in ("policy_lambda", "u", "reward", "kl", "dual_value")
+                if k in record
             )
-            print(f"[{self.stage.name}] iterate {t}: {shown}, feasible={record['feasible']}")
+            lam = np.round(record["lambda"], 4).tolist()
+            print(
+                f"[{self.stage.name}] iterate {t}: {shown}, feasible={record['feasible']}; "
+                f"next lambda={lam}"
+            )
 
     # -- policy step ------------------------------------------------------------------
 
@@ -403,11 +491,12 @@ class CaidRun:
 
     def finish(self, history: list[dict]) -> Llama:
         """History file, plot, the best iterate as the stage's model, FINISHED marker."""
-        best = best_iterate(history)
+        best = best_iterate(history, self.stage.output_iterate)
         stage_dir = self.ctx.stage_dir
         if jax.process_index() == 0:
             summary = {
                 "best_iterate": best,
+                "output_iterate": self.stage.output_iterate,
                 "thresholds": self.thresholds.tolist(),
                 "relative_thresholds": self.stage.relative_thresholds,
                 "constraints": [c.model for c in self.stage.constraints],
@@ -416,8 +505,7 @@ class CaidRun:
             with open(os.path.join(stage_dir, HISTORY_FILE), "w") as f:
                 json.dump(summary, f, indent=2)
             plots.plot_dual_trajectories(history, os.path.join(stage_dir, "dual_trajectories.png"))
-            kind = "feasible" if history[best]["feasible"] else "none feasible: least violating"
-            print(f"[{self.stage.name}] best iterate: {best} ({kind})")
+            print(f"[{self.stage.name}] best iterate: {best} ({self.why(history, best)})")
         self.publish_model(best)
         self.checkpointer.close()
         self.logger.close()
@@ -427,6 +515,11 @@ class CaidRun:
             shutil.rmtree(self.checkpointer.directory, ignore_errors=True)
         report_disk_use(self.stage.name, stage_dir)
         return self.reference if best == 0 else load_export(self.ctx, self.reference)
+
+    def why(self, history: list[dict], best: int) -> str:
+        if self.stage.output_iterate == "dual_value":
+            return f"lowest estimated dual value {history[best]['dual_value']:.4g}"
+        return "feasible" if history[best]["feasible"] else "none feasible: least violating"
 
     def publish_model(self, best: int) -> None:
         """``model/``: a link to ``iterates/<best>``, or an export of pi_ref for iterate 0."""

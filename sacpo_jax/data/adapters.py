@@ -26,7 +26,9 @@ Layouts (field names; ``DataSpec.columns`` can rename them):
 - ``hh_rlhf``: Anthropic HH-RLHF, chosen and rejected whole transcripts; the
   prompt is their common prefix cut back to the end of its last
   "\\n\\nAssistant:"; each completion is the rest of its transcript.
-- ``pair``: {prompt, chosen, rejected}.
+- ``pair``: {prompt, chosen, rejected}, optionally ``label_smoothing``: a per-pair
+  probability in [0, 0.5] that the label is flipped (cDPO's eps for this pair; 0.5 is a
+  tie), stored as the column ``label_smoothing``, which replaces the stage's scalar.
 - ``unpaired``: {prompt, completion, label}; label a bool or 0/1 (1 = desirable).
 - ``sft``: {prompt, response}.
 - ``chat_sft``: {messages: [{role, content}, ...]}, the last message the
@@ -252,11 +254,22 @@ def _hh_rlhf(row, ctx):
 # ---------------------------------------------------------------- generic layouts
 
 
+LABEL_SMOOTHING = "label_smoothing"
+
+
 def _pair(row, ctx):
     prompt = _text(row, ctx, "prompt")
     chosen, rejected = _text(row, ctx, "chosen"), _text(row, ctx, "rejected")
     _distinct(chosen, rejected, "rejected")
-    return [Example(prompt, (chosen, rejected))]
+    columns = {}
+    if ctx.columns.get(LABEL_SMOOTHING, LABEL_SMOOTHING) in row:
+        eps = _number(_get(row, ctx, LABEL_SMOOTHING), LABEL_SMOOTHING)
+        if not 0.0 <= eps <= 0.5:
+            raise BadRow(
+                LABEL_SMOOTHING, errors.WRONG_TYPE, f"expected a number in [0, 0.5], got {eps}"
+            )
+        columns[LABEL_SMOOTHING] = eps
+    return [Example(prompt, (chosen, rejected), columns)]
 
 
 def _unpaired(row, ctx):

@@ -31,6 +31,7 @@ import jax.numpy as jnp
 
 from sacpo_jax import losses
 from sacpo_jax.config import (
+    ConfigError,
     CostStage,
     DpoStage,
     KtoStage,
@@ -41,6 +42,7 @@ from sacpo_jax.config import (
     SimpoStage,
     TrainedStage,
 )
+from sacpo_jax.data.adapters import LABEL_SMOOTHING
 from sacpo_jax.data.dataset import TokenizedDataset
 from sacpo_jax.logprobs import completion_logps, example_logps, pair_logps
 from sacpo_jax.models.llama import Llama
@@ -197,6 +199,8 @@ def dpo(loss_type: str | Sequence[str], coefficients: DpoCoefficients) -> Object
         )
 
     def per_pair(pairs: losses.PairLogps, batch: dict, coeffs: DpoCoefficients) -> jax.Array:
+        if LABEL_SMOOTHING in batch:  # per-pair eps from the data (cDPO with soft labels)
+            coeffs = coeffs._replace(label_smoothing=batch[LABEL_SMOOTHING])
         return losses.combined_pair_loss(pairs, coeffs, loss_types, coeffs.loss_weights)
 
     needs_reference = any(losses.PAIR_LOSSES[t].needs_reference for t in loss_types)
@@ -346,6 +350,8 @@ def _sft(stage: SftStage, dataset: TokenizedDataset) -> Objective:
 
 
 def _dpo(stage: DpoStage, dataset: TokenizedDataset) -> Objective:
+    if LABEL_SMOOTHING in dataset.columns:
+        _check_pair_smoothing(stage, dataset.columns[LABEL_SMOOTHING])
     loss_types, weights = zip(*stage.loss_terms(), strict=True)
     coefficients = DpoCoefficients(
         stage.train.learning_rate,
@@ -378,6 +384,24 @@ def _simpo(stage: SimpoStage, dataset: TokenizedDataset) -> Objective:
 def _orpo(stage: OrpoStage, dataset: TokenizedDataset) -> Objective:
     coefficients = OrpoCoefficients(stage.train.learning_rate, stage.beta)
     return Objective(pair_loss(_orpo_pairs, with_reference=False), coefficients, packs=True)
+
+
+def _check_pair_smoothing(stage: DpoStage, eps) -> None:
+    """Per-pair label smoothing needs losses that smooth (robust: eps < 0.5; "sft" has no
+    eps) and no scalar label_smoothing beside it."""
+    smoothed = [name for name, _ in stage.loss_terms() if name != "sft"]
+    ignoring = [name for name in smoothed if not losses.PAIR_LOSSES[name].uses_label_smoothing]
+    problem = None
+    if ignoring or not smoothed:
+        problem = f"loss_type '{(ignoring or ['sft'])[0]}' ignores it"
+    elif stage.label_smoothing:
+        problem = f"label_smoothing {stage.label_smoothing} would be ignored; set it to 0"
+    elif "robust" in smoothed and float(eps.max()) >= 0.5:
+        problem = "loss_type 'robust' divides by 1 - 2 eps and needs every eps < 0.5"
+    if problem:
+        raise ConfigError(
+            f"stage '{stage.name}': its data has per-pair label_smoothing, but {problem}"
+        )
 
 
 def _kto(stage: KtoStage, dataset: TokenizedDataset) -> Objective:
@@ -415,4 +439,9 @@ OBJECTIVES: dict[type, Callable[[Any, TokenizedDataset], Objective]] = {
 
 def for_stage(stage: TrainedStage, dataset: TokenizedDataset) -> Objective:
     """The objective of a training stage on its (tokenised) training data."""
+    if LABEL_SMOOTHING in dataset.columns and not isinstance(stage, DpoStage):
+        raise ConfigError(
+            f"stage '{stage.name}': its data has per-pair label_smoothing, which only dpo "
+            "stages read"
+        )
     return OBJECTIVES[type(stage)](stage, dataset)
