@@ -467,7 +467,12 @@ class CaidRun:
         ctx = dataclasses.replace(self.ctx, seed=round_seed(seed, t, 1))
         train = self.stage.train
         loader = ctx.loader(
-            labelled, self.stage.data, train.batch_size, train=True, grad_accum=train.grad_accum
+            labelled,
+            self.stage.data,
+            train.batch_size,
+            train=True,
+            grad_accum=train.grad_accum,
+            packing=self.stage.data.packing,  # DPO's loss reads packed rows exactly
         )
         if first == 0:
             state = self.trainer.fresh_state(state.model_params())
