@@ -279,6 +279,19 @@ class TrainedStage(StageBase):
                 )
         return self
 
+    @field_validator("start", mode="before")
+    @classmethod
+    def _start(cls, start: Any) -> Any:
+        """A mapping is an {base, adapter} start (errors as one line, not per union member)."""
+        if not isinstance(start, dict):
+            return start
+        try:
+            return AdapterStart.model_validate(start)
+        except ValidationError as e:
+            first = e.errors()[0]
+            where = ".".join(str(p) for p in first["loc"])
+            raise ValueError(f"{where}: {first['msg'].removeprefix('Value error, ')}") from None
+
     def start_sources(self) -> list[str]:
         """The names the start reads: one model, or a base and an adapter directory."""
         if isinstance(self.start, AdapterStart):

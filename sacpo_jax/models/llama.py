@@ -387,6 +387,28 @@ def dense_layer(layer: dict[str, jax.Array], config: LlamaConfig) -> dict[str, j
     return out
 
 
+def project(
+    x: jax.Array,
+    name: str,
+    dense: dict[str, jax.Array],
+    layer: dict[str, jax.Array],
+    config: LlamaConfig,
+    dropout_key: jax.Array | None = None,
+) -> jax.Array:
+    """Projection ``name`` of one layer: x W + bias, plus the LoRA delta s (drop(x) A) B
+    when ``layer`` has adapters for it. x [batch, seq, *in] -> [batch, seq, *out];
+    ``dense``: ``dense_layer(layer, config)``."""
+    inputs = len(projection_shapes(config)[name][0])
+    y = jnp.tensordot(x, dense[name], axes=inputs) + _bias(dense, f"{name}_bias", x.dtype)
+    a_name, b_name = lora.adapter_names(name)
+    if a_name not in layer:
+        return y
+    key = None
+    if dropout_key is not None:
+        key = jax.random.fold_in(dropout_key, list(lora.PEFT_MODULES).index(name))
+    return y + lora.delta(x, layer[a_name], layer[b_name], config.lora, key)
+
+
 def decoder_block(
     layer: dict[str, jax.Array],
     x: jax.Array,
@@ -407,21 +429,10 @@ def decoder_block(
     """
     dt = jnp.dtype(config.dtype)
     w = dense_layer(layer, config)
-
-    def project(x: jax.Array, name: str, spec: str) -> jax.Array:
-        y = jnp.einsum(spec, x, w[name]) + _bias(w, f"{name}_bias", dt)
-        a_name, b_name = lora.adapter_names(name)
-        if a_name not in layer:
-            return y
-        key = None
-        if dropout_key is not None:
-            key = jax.random.fold_in(dropout_key, list(lora.PEFT_MODULES).index(name))
-        return y + lora.delta(x, layer[a_name], layer[b_name], config.lora, key)
-
     h = rms_norm(x, layer["input_norm"], config.rms_norm_eps)
-    q = project(h, "q", "bsd,dhe->bshe")
-    k = project(h, "k", "bsd,dhe->bshe")
-    v = project(h, "v", "bsd,dhe->bshe")
+    q = project(h, "q", w, layer, config, dropout_key)
+    k = project(h, "k", w, layer, config, dropout_key)
+    v = project(h, "v", w, layer, config, dropout_key)
     q, k = apply_rope(q, positions, inv_freq), apply_rope(k, positions, inv_freq)
     if kv_cache is not None:
         k_all = jax.lax.dynamic_update_slice_in_dim(
@@ -433,11 +444,11 @@ def decoder_block(
         kv_cache = (k_all, v_all)
         k, v = k_all.astype(dt), v_all.astype(dt)
     attn = attend(q, k, v, mask, config.attention_block, config.attention)
-    x = x + project(attn, "o", "bshe,hed->bsd")
+    x = x + project(attn, "o", w, layer, config, dropout_key)
     h = rms_norm(x, layer["post_attention_norm"], config.rms_norm_eps)
-    gate = project(h, "gate", "bsd,df->bsf")
-    up = project(h, "up", "bsd,df->bsf")
-    x = x + project(jax.nn.silu(gate) * up, "down", "bsf,fd->bsd")
+    gate = project(h, "gate", w, layer, config, dropout_key)
+    up = project(h, "up", w, layer, config, dropout_key)
+    x = x + project(jax.nn.silu(gate) * up, "down", w, layer, config, dropout_key)
     return x, kv_cache
 
 

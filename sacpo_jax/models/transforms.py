@@ -8,13 +8,14 @@
                                        cast to the base's ``param_dtype``
     quantized(model, kind)             its seven projections stored as nf4 or int8
 
-Results live on the model's mesh with the partition rules' shardings; merging and
-quantising run one projection and one layer at a time, so a step holds one layer's
-float32 weight besides the two models.
+Results live on the model's mesh with the partition rules' shardings. Merging and
+quantising are one compiled function per model config that maps over the layers, so
+besides the two models they hold a layer's float32 weight per projection at a time.
 """
 
 from __future__ import annotations
 
+import functools
 import math
 
 import jax
@@ -45,54 +46,48 @@ def _mesh(params: dict) -> Mesh:
     return parallel.make_mesh(devices=list(sharding.device_set)[:1])
 
 
-def _sharding(mesh: Mesh, name: str, like) -> NamedSharding:
-    return NamedSharding(mesh, parallel.param_spec(f"layers/{name}", tuple(like.shape), mesh))
+def _constrained(x: jax.Array, mesh: Mesh, name: str) -> jax.Array:
+    """``x`` sharded as the layer parameter ``name`` (inside a jitted function)."""
+    spec = parallel.param_spec(f"layers/{name}", tuple(x.shape), mesh)
+    return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, spec))
 
 
 def with_adapters(model: Llama, config: LoraConfig, seed: int = 0) -> Llama:
     """``model`` with fresh adapters on ``config.targets`` (PEFT's initialisation)."""
-    shapes, layers = projection_shapes(model.config), model.config.num_hidden_layers
-    graphdef, shardings = _adapter_layout(model, config)
+    graphdef = _adapter_graphdef(model, config)
+    adapters = _fresh_adapters(model.config.replace(lora=config), seed, _mesh(_params(model)))
+    return _attach(model, graphdef, adapters)
 
-    def create():
-        out = {}
-        for index, name in enumerate(config.targets):
-            key = jax.random.fold_in(jax.random.key(seed), index)
-            matrices = lora.init_adapter(key, layers, *shapes[name], config.rank)
-            out.update(zip(lora.adapter_names(name), matrices))
-        return out
 
-    return _attach(model, graphdef, jax.jit(create, out_shardings=shardings)())
+@functools.partial(jax.jit, static_argnames=("config", "seed", "mesh"))
+def _fresh_adapters(config: LlamaConfig, seed: int, mesh: Mesh) -> dict[str, jax.Array]:
+    shapes, out = projection_shapes(config), {}
+    for index, name in enumerate(config.lora.targets):
+        key = jax.random.fold_in(jax.random.key(seed), index)
+        matrices = lora.init_adapter(key, config.num_hidden_layers, *shapes[name], config.lora.rank)
+        for adapter, matrix in zip(lora.adapter_names(name), matrices):
+            out[adapter] = _constrained(matrix, mesh, adapter)
+    return out
 
 
 def with_adapter_weights(model: Llama, config: LoraConfig, weights: dict[str, np.ndarray]) -> Llama:
     """``model`` with the adapters ``weights`` ({"q_lora_a": [layers, *in, r], ...}),
     placed block by block on their shards."""
-    graphdef, shardings = _adapter_layout(model, config)
-    adapters = {
-        name: parallel.place_from_host(
-            weights[name].shape,
-            lora.ADAPTER_DTYPE,
-            sharding,
-            lambda index, value=weights[name]: value[index],
+    graphdef = _adapter_graphdef(model, config)
+    mesh = _mesh(_params(model))
+    adapters = {}
+    for name, value in weights.items():
+        spec = parallel.param_spec(f"layers/{name}", value.shape, mesh)
+        adapters[name] = parallel.place_from_host(
+            value.shape, lora.ADAPTER_DTYPE, NamedSharding(mesh, spec), lambda i, v=value: v[i]
         )
-        for name, sharding in shardings.items()
-    }
     return _attach(model, graphdef, adapters)
 
 
-def _adapter_layout(model: Llama, config: LoraConfig) -> tuple[nnx.GraphDef, dict]:
-    """(graphdef of the model with adapters, {adapter name: sharding})."""
+def _adapter_graphdef(model: Llama, config: LoraConfig) -> nnx.GraphDef:
     if model.config.lora is not None:
         raise ValueError("the model has adapters already; merge them first")
-    graphdef, abstract = _abstract(model.config.replace(lora=config))
-    mesh = _mesh(_params(model))
-    shardings = {
-        name: _sharding(mesh, name, like)
-        for name, like in abstract["layers"].items()
-        if lora.is_adapter(name)
-    }
-    return graphdef, shardings
+    return _abstract(model.config.replace(lora=config))[0]
 
 
 def _attach(model: Llama, graphdef: nnx.GraphDef, adapters: dict[str, jax.Array]) -> Llama:
@@ -108,27 +103,33 @@ def merged(model: Llama) -> Llama:
         return model
     graphdef, abstract = _abstract(c.replace(lora=None, quantize=None))
     params = _params(model)
-    mesh = _mesh(params)
     layers = params["layers"]
-    out = {name: value for name, value in layers.items() if name in abstract["layers"]}
-    for name, (inputs, outputs) in projection_shapes(c).items():
+    parts = {name: value for name, value in layers.items() if name not in abstract["layers"]}
+    kept = {name: value for name, value in layers.items() if name in abstract["layers"]}
+    bases = {name: layers[name] for name in projection_shapes(c) if name in layers}
+    params["layers"] = {**kept, **_merged_projections({**parts, **bases}, c, _mesh(params))}
+    return nnx.merge(graphdef, params)
+
+
+@functools.partial(jax.jit, static_argnames=("config", "mesh"))
+def _merged_projections(layers: dict, config: LlamaConfig, mesh: Mesh) -> dict[str, jax.Array]:
+    """Each projection's W + s A B, one layer at a time (``_merge_layer``)."""
+    out = {}
+    for name, (inputs, outputs) in projection_shapes(config).items():
+        keys = (name, f"{name}_codes", f"{name}_absmax", *lora.adapter_names(name))
         parts = {
             part: layers[key]
-            for part, key in zip(
-                ("weight", "codes", "absmax", "a", "b"),
-                (name, f"{name}_codes", f"{name}_absmax", *lora.adapter_names(name)),
-            )
+            for part, key in zip(("weight", "codes", "absmax", "a", "b"), keys)
             if key in layers
         }
-        merge = jax.jit(
-            lambda parts, inputs=inputs, outputs=outputs: jax.lax.map(
-                lambda layer: _merge_layer(layer, c, inputs, outputs), parts
+        weight = jax.lax.map(
+            lambda layer, inputs=inputs, outputs=outputs: _merge_layer(
+                layer, config, inputs, outputs
             ),
-            out_shardings=_sharding(mesh, name, abstract["layers"][name]),
+            parts,
         )
-        out[name] = merge(parts)
-    params["layers"] = out
-    return nnx.merge(graphdef, params)
+        out[name] = _constrained(weight, mesh, name)
+    return out
 
 
 def _merge_layer(parts: dict, config: LlamaConfig, inputs: tuple, outputs: tuple) -> jax.Array:
@@ -147,28 +148,34 @@ def _merge_layer(parts: dict, config: LlamaConfig, inputs: tuple, outputs: tuple
 
 
 def quantized(model: Llama, kind: str) -> Llama:
-    """``model`` (plain, no adapters) with its seven projections stored as ``kind``."""
+    """``model`` with its seven projections stored as ``kind`` (merged first if it has
+    adapters or another storage)."""
     c = model.config
     if c.quantize == kind and c.lora is None:
         return model
     if c.quantize is not None or c.lora is not None:
         model, c = merged(model), c.replace(lora=None, quantize=None)
-    graphdef, abstract = _abstract(c.replace(quantize=kind))
+    graphdef, _ = _abstract(c.replace(quantize=kind))
     params = _params(model)
-    mesh = _mesh(params)
     layers = dict(params["layers"])
-    for name, (inputs, outputs) in projection_shapes(c).items():
-        rows, cols = math.prod(inputs), math.prod(outputs)
-        codes_name, absmax_name = f"{name}_codes", f"{name}_absmax"
-        store = jax.jit(
-            lambda w, rows=rows, cols=cols: jax.lax.map(
-                lambda layer: quant.quantize(layer.reshape(rows, cols), kind), w
-            ),
-            out_shardings=(
-                _sharding(mesh, codes_name, abstract["layers"][codes_name]),
-                _sharding(mesh, absmax_name, abstract["layers"][absmax_name]),
-            ),
-        )
-        layers[codes_name], layers[absmax_name] = store(layers.pop(name))
+    weights = {name: layers.pop(name) for name in projection_shapes(c)}
+    layers.update(_quantized_projections(weights, c.replace(quantize=kind), _mesh(params)))
     params["layers"] = layers
     return nnx.merge(graphdef, params)
+
+
+@functools.partial(jax.jit, static_argnames=("config", "mesh"))
+def _quantized_projections(weights: dict, config: LlamaConfig, mesh: Mesh) -> dict[str, jax.Array]:
+    """Each projection's codes and absmax, one layer at a time."""
+    out = {}
+    for name, (inputs, outputs) in projection_shapes(config).items():
+        rows, cols = math.prod(inputs), math.prod(outputs)
+        codes, absmax = jax.lax.map(
+            lambda layer, rows=rows, cols=cols: quant.quantize(
+                layer.reshape(rows, cols), config.quantize
+            ),
+            weights[name],
+        )
+        out[f"{name}_codes"] = _constrained(codes, mesh, f"{name}_codes")
+        out[f"{name}_absmax"] = _constrained(absmax, mesh, f"{name}_absmax")
+    return out
