@@ -350,7 +350,8 @@ class ReferencedStage(SupervisedStage):
     earlier stage's name, or an HF directory. ``beta`` may be a list: the stage fans out
     into one run per value (a beta/lambda sweep), each from the same start.
     ``reference_mode``: "precompute" (one pass before training, cached; only the policy
-    is in memory while training) or "on_the_fly" (a frozen copy scores every batch).
+    is in memory while training) or "on_the_fly" (a frozen copy scores every batch; with
+    LoRA and reference "start", the policy's own frozen base with its adapters off).
     """
 
     reference: str = "start"

@@ -64,12 +64,12 @@ def test_lora_sacpo_chain_shows_the_demo_shape(sacpo):
 def test_each_lora_stage_exports_an_adapter_that_peft_loads_on_its_start(sacpo):
     run_dir, _ = sacpo
     stages = run_dir / "stages"
-    ids = np.random.default_rng(0).integers(3, 300, (2, 12))
-    mask = np.ones_like(ids)
     for stage, start in (("dpo_h", "sft"), ("dpo_s@beta=0.01", "dpo_h")):
         config = json.loads((stages / stage / "adapter" / "adapter_config.json").read_text())
         assert config["r"] == 8 and len(config["target_modules"]) == 7
         base = transformers.LlamaForCausalLM.from_pretrained(stages / start / "model")
+        ids = np.random.default_rng(0).integers(3, base.config.vocab_size, (2, 12))
+        mask = np.ones_like(ids)
         adapted = peft.PeftModel.from_pretrained(base, stages / stage / "adapter")
         merged = transformers.LlamaForCausalLM.from_pretrained(stages / stage / "model")
         np.testing.assert_allclose(
@@ -118,7 +118,7 @@ def test_a_lora_reward_model_adapter_loads_in_peft_with_its_head(caid):
     exported = transformers.LlamaForSequenceClassification.from_pretrained(
         stages / "reward" / "model"
     ).eval()
-    ids = np.random.default_rng(1).integers(3, 300, (2, 12))
+    ids = np.random.default_rng(1).integers(3, base.config.vocab_size, (2, 12))
     with torch.no_grad():
         scores = adapted(input_ids=torch.as_tensor(ids)).logits.numpy()
         expected = exported(input_ids=torch.as_tensor(ids)).logits.numpy()

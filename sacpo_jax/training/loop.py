@@ -48,7 +48,10 @@ class TrainingError(RunFailure):
 
 
 class Trainer:
-    """An objective's compiled steps on one mesh, and the states they map."""
+    """An objective's compiled steps on one mesh, and the states they map.
+
+    ``trainable``: which parameter leaves train (the rest are frozen); ``seed``: the
+    randomness of the step (LoRA dropout), folded with the step number."""
 
     def __init__(
         self,
