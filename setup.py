@@ -41,6 +41,7 @@ setup(
             "protobuf",
             "tensorflow-datasets",
             "array_record",
+            "peft",
         ],
         "torch": ["torch==2.13.0"],
         "tfds": ["tensorflow-datasets", "array_record"],
