@@ -42,6 +42,7 @@ setup(
             "tensorflow-datasets",
             "array_record",
             "trl==1.16.0",  # tests/test_trl_losses.py calls TRL's own loss code
+            "peft",
         ],
         "torch": ["torch==2.13.0"],
         "tfds": ["tensorflow-datasets", "array_record"],

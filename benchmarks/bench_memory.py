@@ -12,6 +12,9 @@ read: per device, ``args_GiB`` (parameters, Adam moments, batch), ``temp_GiB``
 (temporaries: activations, gradients, logits ...), ``output_GiB`` and ``alias_GiB``
 (outputs that reuse donated arguments). Parameters and compute are bfloat16, Adam
 moments in the parameters' dtype, layers scanned, remat on unless ``--no-remat``.
+``--lora R``: LoRA rank R (alpha 2R, dropout 0.05) on all seven projections, float32
+adapters and Adam moments, the base frozen (an argument, not donated, no gradient);
+``--quantize``: that base stored in nf4 or int8 (QLoRA).
 Each device gets N pairs (2N rows) of S real tokens; the reference log-probs come in
 the batch (precomputed). XLA:CPU's buffer assignment is a proxy for a GPU's or TPU's:
 right for before/after comparisons, not an exact prediction of a device's peak.
@@ -49,14 +52,15 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--pairs-per-device", type=int, required=True)
     parser.add_argument("--seq", type=int, required=True, help="tokens per sequence")
     parser.add_argument("--fsdp", type=int, required=True, help="devices on the fsdp axis")
-    parser.add_argument("--lora", type=int, metavar="R", help="LoRA rank (not available yet)")
-    parser.add_argument("--quantize", choices=("nf4", "int8"), help="(not available yet)")
+    parser.add_argument("--lora", type=int, metavar="R", help="LoRA rank (all 7 projections)")
+    parser.add_argument("--quantize", choices=("nf4", "int8"), help="frozen base storage")
     parser.add_argument("--no-remat", action="store_true", help="keep activations")
     parser.add_argument("--json", action="store_true", help="print one JSON line")
     args = parser.parse_args(argv)
-    for flag, value in (("--lora", args.lora), ("--quantize", args.quantize)):
-        if value is not None:
-            parser.exit(2, f"bench_memory.py: {flag} is not available yet\n")
+    if args.quantize and not args.lora:
+        parser.exit(2, "bench_memory.py: --quantize needs --lora (a quantized base is frozen)\n")
+    if args.lora is not None and args.lora < 1:
+        parser.exit(2, "bench_memory.py: --lora must be >= 1\n")
     if min(args.pairs_per_device, args.seq, args.fsdp) < 1:
         parser.exit(2, "bench_memory.py: --pairs-per-device, --seq and --fsdp must be >= 1\n")
     return args
@@ -71,14 +75,17 @@ def compiled_dpo_step(config, pairs: int, seq: int, mesh):
     import jax.numpy as jnp
     from flax import nnx
 
+    from sacpo_jax.models import lora
     from sacpo_jax.models.llama import Llama
     from sacpo_jax.training import objectives
     from sacpo_jax.training.loop import Trainer
     from sacpo_jax.training.optim import make_optimizer
+    from sacpo_jax.training.state import train_all
 
     graphdef, params = nnx.split(nnx.eval_shape(lambda: Llama(config, rngs=nnx.Rngs(0))))
     objective = objectives.dpo("sigmoid", objectives.DpoCoefficients(1e-5, 0.1))
-    trainer = Trainer(objective, graphdef, config, make_optimizer(1000), mesh)
+    trainable = train_all if config.lora is None else lora.is_adapter
+    trainer = Trainer(objective, graphdef, config, make_optimizer(1000), mesh, trainable=trainable)
     state = trainer.abstract_state(nnx.to_pure_dict(params))
     tokens = jax.ShapeDtypeStruct((pairs, seq), jnp.int32)
     logps = jax.ShapeDtypeStruct((pairs,), jnp.float32)
@@ -93,13 +100,19 @@ def measure(args: argparse.Namespace) -> dict:
 
     from sacpo_jax import parallel
     from sacpo_jax.models.llama import LlamaConfig
+    from sacpo_jax.models.lora import PEFT_MODULES, LoraConfig
 
+    adapters = None
+    if args.lora:
+        adapters = LoraConfig(args.lora, 2.0 * args.lora, 0.05, tuple(PEFT_MODULES))
     config = LlamaConfig(
         **MODELS[args.model],
         param_dtype="bfloat16",
         dtype="bfloat16",
         remat=not args.no_remat,
         scan_layers=True,
+        lora=adapters,
+        quantize=args.quantize,
     )
     mesh = parallel.make_mesh(data=1, fsdp=args.fsdp, tensor=1)
     pairs = args.pairs_per_device * args.fsdp
@@ -116,6 +129,8 @@ def measure(args: argparse.Namespace) -> dict:
         "seq": args.seq,
         "fsdp": args.fsdp,
         "remat": not args.no_remat,
+        "lora": args.lora,
+        "quantize": args.quantize,
         **{name: round(size / GIB, 2) for name, size in sizes.items()},
         "jax": jax.__version__,
     }

@@ -37,6 +37,7 @@ from sacpo_jax.data.spec import DataSpec, SourceSpec
 from sacpo_jax.data.tokenize import BUNDLED_TOKENIZER
 from sacpo_jax.errors import SacpoError
 from sacpo_jax.losses import DISCOPOP_TAU, PAIR_LOSSES
+from sacpo_jax.models import lora, peft_io, quant
 from sacpo_jax.models.formats import detect
 from sacpo_jax.models.hf import is_hub_id
 
@@ -78,7 +79,9 @@ class ModelConfig(Strict):
     """Where the first model comes from: ``path`` (a model directory or hub id "owner/name",
     in any format of ``sacpo_jax.models.formats``) or ``random``. ``format`` forces the
     format (default: told from the files); ``llama_config`` is the architecture of formats
-    that store none (EasyLM, MaxText): a config.json path or an EasyLM name ("7b")."""
+    that store none (EasyLM, MaxText): a config.json path or an EasyLM name ("7b").
+    ``quantize``: store the frozen projection weights of every model of the run in nf4 or
+    int8 (QLoRA; every training stage then needs a ``lora`` block)."""
 
     format: Literal["auto", "safetensors", "flax_msgpack", "easylm", "maxtext"] = "auto"
     path: str | None = None
@@ -88,6 +91,7 @@ class ModelConfig(Strict):
     compute_dtype: Literal["float32", "bfloat16"] | None = None
     remat: bool = False
     scan_layers: bool = True
+    quantize: Literal["nf4", "int8"] | None = None
 
     @field_validator("path")
     @classmethod
@@ -100,6 +104,16 @@ class ModelConfig(Strict):
     def _one_source(self) -> ModelConfig:
         if (self.path is None) == (self.random is None):
             raise ValueError("set exactly one of model.path and model.random")
+        r = self.random
+        if self.quantize is not None and r is not None:
+            head_dim = r.head_dim or r.hidden_size // r.num_attention_heads
+            inputs = {
+                "hidden_size": r.hidden_size,
+                "intermediate_size": r.intermediate_size,
+                "num_attention_heads x head_dim": r.num_attention_heads * head_dim,
+            }
+            for name, rows in inputs.items():
+                quant.check_rows(self.quantize, rows, f"model.random {name}")
         return self
 
 
@@ -148,6 +162,53 @@ class TrainConfig(Strict):
     export_msgpack: bool = False  # also write flax_model.msgpack (transformers 4.x Flax)
 
 
+class LoraSpec(Strict):
+    """LoRA on a training stage: only the adapters train (REFERENCE-NEXT §3). ``targets``
+    are PEFT's module names; the defaults are the CAID paper's (r 8, alpha 16, dropout
+    0.05) on all seven projections. ``rslora``: scaling alpha / sqrt(rank)."""
+
+    rank: int = Field(8, gt=0)
+    alpha: float = Field(16.0, gt=0)
+    dropout: float = Field(0.05, ge=0, lt=1)
+    targets: list[str] = Field(default_factory=lambda: list(lora.TARGETS), min_length=1)
+    rslora: bool = False
+
+    @field_validator("targets")
+    @classmethod
+    def _known(cls, targets: list[str]) -> list[str]:
+        for target in targets:
+            if target not in lora.TARGETS:
+                raise ValueError(
+                    f"'{target}' matches no projection; valid: {', '.join(lora.TARGETS)}"
+                )
+        return targets
+
+    def settings(self) -> lora.LoraConfig:
+        """The model-level LoRA settings (targets as our projection names)."""
+        chosen = {lora.TARGETS[t] for t in self.targets}
+        return lora.LoraConfig(
+            rank=self.rank,
+            alpha=self.alpha,
+            dropout=self.dropout,
+            targets=tuple(name for name in lora.PEFT_MODULES if name in chosen),
+            rslora=self.rslora,
+        )
+
+
+class AdapterStart(Strict):
+    """A start made of a base model (an earlier stage, a model directory or a hub id) and a
+    PEFT LoRA adapter directory, merged into the base before the stage begins."""
+
+    base: str
+    adapter: str
+
+    @field_validator("adapter")
+    @classmethod
+    def _readable(cls, adapter: str) -> str:
+        peft_io.read_adapter_config(adapter)
+        return adapter
+
+
 # ----------------------------------------------------------------------------- stages
 
 _ROWS = {
@@ -194,12 +255,15 @@ class StageBase(Strict):
 
 
 class TrainedStage(StageBase):
-    """A stage that trains a model from ``start`` ("previous", an earlier stage or an
-    HF directory) on ``data``, whose adapter must make one of ``batch_kinds``."""
+    """A stage that trains a model from ``start`` ("previous", an earlier stage, an HF
+    directory, or {base, adapter}: a PEFT adapter on a base) on ``data``, whose adapter
+    must make one of ``batch_kinds``. ``lora``: train LoRA adapters on the frozen start
+    (absent: full fine-tuning); the stage's result is the start with the adapters merged."""
 
-    start: str = "previous"
+    start: str | AdapterStart = "previous"
     train: TrainConfig = TrainConfig()
     data: DataSpec
+    lora: LoraSpec | None = None
     batch_kinds: ClassVar[tuple[str, ...]] = ()
 
     @model_validator(mode="after")
@@ -215,8 +279,27 @@ class TrainedStage(StageBase):
                 )
         return self
 
-    def sources(self) -> list[str]:
+    @field_validator("start", mode="before")
+    @classmethod
+    def _start(cls, start: Any) -> Any:
+        """A mapping is an {base, adapter} start (errors as one line, not per union member)."""
+        if not isinstance(start, dict):
+            return start
+        try:
+            return AdapterStart.model_validate(start)
+        except ValidationError as e:
+            first = e.errors()[0]
+            where = ".".join(str(p) for p in first["loc"])
+            raise ValueError(f"{where}: {first['msg'].removeprefix('Value error, ')}") from None
+
+    def start_sources(self) -> list[str]:
+        """The names the start reads: one model, or a base and an adapter directory."""
+        if isinstance(self.start, AdapterStart):
+            return [self.start.base, self.start.adapter]
         return [self.start]
+
+    def sources(self) -> list[str]:
+        return self.start_sources()
 
     @property
     def interleave_labels(self) -> bool:
@@ -272,7 +355,8 @@ class ReferencedStage(SupervisedStage):
     earlier stage's name, or an HF directory. ``beta`` may be a list: the stage fans out
     into one run per value (a beta/lambda sweep), each from the same start.
     ``reference_mode``: "precompute" (one pass before training, cached; only the policy
-    is in memory while training) or "on_the_fly" (a frozen copy scores every batch).
+    is in memory while training) or "on_the_fly" (a frozen copy scores every batch; with
+    LoRA and reference "start", the policy's own frozen base with its adapters off).
     """
 
     reference: str = "start"
@@ -288,7 +372,7 @@ class ReferencedStage(SupervisedStage):
         return beta
 
     def sources(self) -> list[str]:
-        return [self.start] + ([] if self.reference == "start" else [self.reference])
+        return self.start_sources() + ([] if self.reference == "start" else [self.reference])
 
     def swept(self) -> tuple[str, list[float]] | None:
         return ("beta", self.beta) if isinstance(self.beta, list) else None
@@ -688,7 +772,7 @@ class CaidStage(TrainedStage):
         return [self.reward_beta] + [c.beta for c in self.constraints]
 
     def sources(self) -> list[str]:
-        return [self.start] + [m for m in self.models if m != ORACLE]
+        return self.start_sources() + [m for m in self.models if m != ORACLE]
 
     def prompt_set(self) -> tuple[PromptSet, bool]:
         return self.prompts, ORACLE in self.models
@@ -789,6 +873,14 @@ class RunConfig(Strict):
             raise ValueError(f"stage names must be unique: {', '.join(duplicates)}")
         if self.tokenizer.path is None and self.model.path is None:
             raise ValueError("tokenizer.path is needed when the model is random")
+        if self.model.quantize is not None:
+            for stage in self.stages:
+                if isinstance(stage, TrainedStage) and stage.lora is None:
+                    raise ValueError(
+                        f"model.quantize is {self.model.quantize}, but stage '{stage.name}' "
+                        "trains the full model: a quantized base is frozen; give the stage "
+                        "a lora block"
+                    )
         _check_sources(expand_stages(self.stages))
         return self
 

@@ -7,6 +7,9 @@ d_h, K key/value heads, hidden size D, MLP width F and vocabulary V:
              embedding lookup is not a matmul, the LM head is, tied or not)
     train  = 6*N + 12*L*H*d_h*S       (forward + backward, 1 + 2 passes)
     fwd    = 2*N +  4*L*H*d_h*S       (forward only, e.g. an on-the-fly reference)
+    LoRA   = 4*N + 6*N_a + 12*L*H*d_h*S   (the frozen weights get no gradient: their
+             backward pass is the inputs' gradient only; N_a = L * sum over the
+             targeted projections of r*(in + out), the adapter weights)
 
 6*N is 2 FLOPs per multiply-add times 3 passes; 12*L*H*d_h*S counts q.k^T and
 softmax.v (2*2*S*H*d_h per token and layer) times 3 passes, over the full S x S
@@ -57,6 +60,21 @@ def matmul_params(config: LlamaConfig) -> int:
     return config.num_hidden_layers * per_layer + head
 
 
+def adapter_params(config: LlamaConfig) -> int:
+    """N_a: the LoRA adapter weights (0 without LoRA)."""
+    if config.lora is None:
+        return 0
+    d, f = config.hidden_size, config.intermediate_size
+    q, kv = (
+        config.num_attention_heads * config.head_dim,
+        config.num_key_value_heads * config.head_dim,
+    )
+    sizes = {"q": d + q, "k": d + kv, "v": d + kv, "o": q + d, "gate": d + f, "up": d + f}
+    sizes["down"] = f + d
+    per_layer = sum(config.lora.rank * sizes[name] for name in config.lora.targets)
+    return config.num_hidden_layers * per_layer
+
+
 def attention_flops_per_token(config: LlamaConfig, seq_len: int) -> int:
     """Forward FLOPs of q.k^T and softmax.v for one token: 4 * L * H * d_h * S."""
     return 4 * config.num_hidden_layers * config.num_attention_heads * config.head_dim * seq_len
@@ -68,8 +86,12 @@ def forward_flops_per_token(config: LlamaConfig, seq_len: int) -> int:
 
 
 def training_flops_per_token(config: LlamaConfig, seq_len: int) -> int:
-    """Forward plus backward: 3 * (2*N + 4*L*H*d_h*S) = 6*N + 12*L*H*d_h*S."""
-    return 3 * forward_flops_per_token(config, seq_len)
+    """Forward plus backward: 3 * (2*N + 4*L*H*d_h*S) = 6*N + 12*L*H*d_h*S; with LoRA
+    4*N + 6*N_a + 12*L*H*d_h*S."""
+    if config.lora is None:
+        return 3 * forward_flops_per_token(config, seq_len)
+    attention = 3 * attention_flops_per_token(config, seq_len)
+    return 4 * matmul_params(config) + 6 * adapter_params(config) + attention
 
 
 def batch_flops(config: LlamaConfig, batch: dict, *, reference_forward: bool = False) -> float:

@@ -24,7 +24,8 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 MESH_AXES = ("data", "fsdp", "tensor")
 BATCH_AXES = ("data", "fsdp")
 
-# Parameter path (joined with "/") -> preferred axis per dimension.
+# Parameter path (joined with "/") -> preferred axis per dimension (the projections'
+# rules follow below).
 PARAM_RULES: dict[str, tuple[str | None, ...]] = {
     "embed": ("tensor", "fsdp"),
     "lm_head": ("fsdp", "tensor"),
@@ -32,13 +33,6 @@ PARAM_RULES: dict[str, tuple[str | None, ...]] = {
     "final_norm": (None,),
     "layers/input_norm": (None, None),
     "layers/post_attention_norm": (None, None),
-    "layers/q": (None, "fsdp", "tensor", None),
-    "layers/k": (None, "fsdp", "tensor", None),
-    "layers/v": (None, "fsdp", "tensor", None),
-    "layers/o": (None, "tensor", None, "fsdp"),
-    "layers/gate": (None, "fsdp", "tensor"),
-    "layers/up": (None, "fsdp", "tensor"),
-    "layers/down": (None, "tensor", "fsdp"),
     "layers/q_bias": (None, "tensor", None),
     "layers/k_bias": (None, "tensor", None),
     "layers/v_bias": (None, "tensor", None),
@@ -47,6 +41,35 @@ PARAM_RULES: dict[str, tuple[str | None, ...]] = {
     "layers/up_bias": (None, "tensor"),
     "layers/down_bias": (None, None),
 }
+
+# The seven projections' axes: (input dims, output dims) after the layer axis.
+_PROJECTION_AXES: dict[str, tuple[tuple[str | None, ...], tuple[str | None, ...]]] = {
+    "q": (("fsdp",), ("tensor", None)),
+    "k": (("fsdp",), ("tensor", None)),
+    "v": (("fsdp",), ("tensor", None)),
+    "o": (("tensor", None), ("fsdp",)),
+    "gate": (("fsdp",), ("tensor",)),
+    "up": (("fsdp",), ("tensor",)),
+    "down": (("tensor",), ("fsdp",)),
+}
+
+
+def _projection_rules() -> dict[str, tuple[str | None, ...]]:
+    """The projection weights [layers, *in, *out]. LoRA: A [layers, *in, rank] shards its
+    inputs as the weight does, B [layers, rank, *out] its outputs; the rank axis is
+    replicated. A quantised base: codes and absmax [layers, in / rows per element, out]
+    (inputs and outputs flattened) shard over the first input and first output axis."""
+    rules = {}
+    for name, (inputs, outputs) in _PROJECTION_AXES.items():
+        rules[f"layers/{name}"] = (None, *inputs, *outputs)
+        rules[f"layers/{name}_lora_a"] = (None, *inputs, None)
+        rules[f"layers/{name}_lora_b"] = (None, None, *outputs)
+        rules[f"layers/{name}_codes"] = (None, inputs[0], outputs[0])
+        rules[f"layers/{name}_absmax"] = (None, inputs[0], outputs[0])
+    return rules
+
+
+PARAM_RULES.update(_projection_rules())
 
 
 def resolve_mesh_shape(sizes: dict[str, int], device_count: int) -> tuple[int, ...]:

@@ -49,12 +49,18 @@ from sacpo_jax.rundir import RunLock, claim_stage_dir, record_config
 from sacpo_jax.scorers import OracleScorer, ScoreModelScorer, Scorer
 from sacpo_jax.training.chain import ModelStore, run_chain, sweep_series
 from sacpo_jax.training.context import StageContext
-from sacpo_jax.training.stages import export, load_export, report_disk_use, run_training_stage
+from sacpo_jax.training.stages import (
+    export,
+    held,
+    load_export,
+    report_disk_use,
+    run_training_stage,
+)
 
 
 def initial_model(config: RunConfig, mesh, tokenizer) -> Llama:
     m = config.model
-    options = dict(remat=m.remat, scan_layers=m.scan_layers)
+    options = dict(remat=m.remat, scan_layers=m.scan_layers, quantize=m.quantize)
     if m.path is not None:
         return hf.load_checkpoint(
             m.path,
@@ -151,7 +157,7 @@ class Run:
     def caid(self, stage: CaidStage, store: ModelStore) -> Llama:
         """CAID from the stage's start (pi_ref), scored by the models it names."""
         scorers = {n: store.get(n, stage.name) for n in stage.models if n != ORACLE}
-        return run_caid(stage, store.get(stage.start, stage.name), scorers, self.context(stage))
+        return run_caid(stage, store.start_of(stage), scorers, self.context(stage))
 
     def merge(self, stage: MergeStage, store: ModelStore) -> Llama:
         ctx = self.context(stage)
@@ -164,7 +170,7 @@ class Run:
         checkpoint.mark_finished(ctx.stage_dir, {"models": stage.models, "weights": list(weights)})
         print(f"[{stage.name}] merged {stage.models} with weights {list(weights)}")
         report_disk_use(stage.name, ctx.stage_dir)
-        return merged
+        return held(merged, models[0].config.quantize)
 
     def evaluate(self, stage: EvaluateStage, store: ModelStore) -> None:
         ctx = self.context(stage)
@@ -250,7 +256,11 @@ def run(config: RunConfig) -> list[StageBase]:
         model = initial_model(config, mesh, tokenizer)
         m = config.model
         load_options = dict(
-            mesh=mesh, remat=m.remat, scan_layers=m.scan_layers, compute_dtype=m.compute_dtype
+            mesh=mesh,
+            remat=m.remat,
+            scan_layers=m.scan_layers,
+            compute_dtype=m.compute_dtype,
+            quantize=m.quantize,
         )
         run_chain(executor.stages, ModelStore(model, load_options), executor)
     if jax.process_index() == 0:

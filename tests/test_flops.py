@@ -7,7 +7,10 @@ import pytest
 from flax import nnx
 
 from sacpo_jax import flops
+from sacpo_jax.models import lora
 from sacpo_jax.models.llama import Llama, tiny_config
+from sacpo_jax.models.lora import PEFT_MODULES, LoraConfig
+from sacpo_jax.training.state import join, partition
 
 # Wide enough that matrix products dominate the elementwise work XLA also counts;
 # unrolled because XLA's cost analysis counts a scanned loop's body once.
@@ -78,3 +81,24 @@ def test_peak_table_and_utilisation():
     metrics = flops.utilisation_metrics(4 * 989e12, 2.0, 4, "NVIDIA H200")
     assert metrics == {"tflops_per_device": pytest.approx(494.5), "mfu": pytest.approx(0.5)}
     assert flops.utilisation_metrics(1e12, 1.0, 2, "cpu") == {"tflops_per_device": 0.5}
+
+
+def test_lora_training_flops_match_xla_cost_analysis():
+    """Gradients for the adapters only: the frozen weights cost a forward and an input
+    gradient (4N), the adapters a full 6 N_a. (A squared loss: the gradient of a plain
+    sum of logits lets XLA fold the head's backward matmul into a reduction.)"""
+    config = CONFIG.replace(lora=LoraConfig(rank=8, alpha=16, targets=tuple(PEFT_MODULES)))
+    graphdef, state = nnx.split(nnx.eval_shape(lambda: Llama(config, rngs=nnx.Rngs(0))))
+    adapters, frozen = partition(nnx.to_pure_dict(state), lora.is_adapter)
+    ids = jax.ShapeDtypeStruct((ROWS, SEQ), jnp.int32)
+
+    def forward(adapters, frozen, ids):
+        return jnp.sum(jnp.square(nnx.merge(graphdef, join(adapters, frozen))(ids)))
+
+    compiled = jax.jit(jax.grad(forward)).lower(adapters, frozen, ids).compile()
+    analysis = compiled.cost_analysis()
+    analysis = analysis[0] if isinstance(analysis, list) else analysis
+    # per layer: r * (q 128+128, k 128+64, v 128+64, o 128+128, MLP 3 * (128+256))
+    assert flops.adapter_params(config) == 2 * 8 * (256 + 192 + 192 + 256 + 3 * 384)
+    counted = ROWS * SEQ * flops.training_flops_per_token(config, SEQ)
+    assert counted == pytest.approx(float(analysis["flops"]), rel=0.06)

@@ -24,6 +24,11 @@ lam reaches the compiled DPO step only through the labels, i.e. as data: one tra
 compiled once, serves every iteration (``CaidRun.train_step``). Each policy step starts
 a fresh optimiser state (its own warmup and cosine schedule) from the previous iterate.
 
+LoRA (``stage.lora``): the policy is pi_ref plus adapters that carry over from one policy
+step to the next; pi_ref's weights stay frozen (no optimiser state, no second copy) and
+every iterate t also exports its adapters (``adapters/<t>/``, PEFT's format; ``adapter``
+links the best one).
+
 Resume: checkpoint meta holds (iteration, local step, history); a rerun continues inside
 the policy step it was in, or with the next dual step. Samples, prompts and labels are
 pure functions of (seed, iteration), so a resumed run repeats the same draws.
@@ -62,13 +67,17 @@ from sacpo_jax.training.loop import Trainer, TrainingError, TrainingLoop
 from sacpo_jax.training.optim import stage_optimizer
 from sacpo_jax.training.reference import add_reference_columns
 from sacpo_jax.training.stages import (
+    ADAPTER_DIR,
     MODEL_DIR,
     export,
+    export_adapter,
     is_finished,
     load_export,
     open_checkpoints,
     open_logger,
     report_disk_use,
+    trainable_leaves,
+    with_stage_adapters,
 )
 from sacpo_jax.training.state import TrainState, split_model
 
@@ -80,6 +89,7 @@ class CaidError(TrainingError):
 
 HISTORY_FILE = "caid_history.json"
 ITERATES_DIR = "iterates"
+ADAPTERS_DIR = "adapters"
 
 
 # ----------------------------------------------------------------------------- dual math
@@ -196,14 +206,17 @@ class CaidRun:
         objective = objectives.dpo(
             "sigmoid", objectives.DpoCoefficients(train.learning_rate, stage.beta)
         )
-        graphdef, _ = split_model(reference)
+        self.start_policy = with_stage_adapters(stage, reference, ctx.seed)
+        graphdef, _ = split_model(self.start_policy)
         self.trainer = Trainer(
             objective,
             graphdef,
-            reference.config,
+            self.start_policy.config,
             stage_optimizer(train, self.steps_per_iteration),
             ctx.mesh,
             grad_accum=train.grad_accum,
+            trainable=trainable_leaves(stage, score_model=False),
+            seed=ctx.seed,
         )
         self.loop = TrainingLoop(
             stage.name,
@@ -285,7 +298,7 @@ class CaidRun:
 
     def init_or_restore(self) -> tuple[TrainState, int, int, list[dict]]:
         """(state, iteration, local step, history): a fresh start or the latest checkpoint."""
-        params = split_model(self.reference)[1]
+        params = split_model(self.start_policy)[1]
         latest = self.checkpointer.latest_step()
         if latest is None:
             return self.trainer.fresh_state(params), 0, 0, []
@@ -310,13 +323,18 @@ class CaidRun:
                 break
             lam = np.asarray(history[t]["lambda"])
             state = self.policy_step(t, lam, state, first_step if t == first else 0, history)
-            msgpack = self.stage.train.export_msgpack
-            iterate = os.path.join(ITERATES_DIR, str(t + 1))
-            export(self.policy(state), self.ctx, iterate, msgpack=msgpack)
+            self.export_iterate(t + 1, self.policy(state))
             step = (t + 1) * self.steps_per_iteration
             meta = {"iteration": t + 1, "local_step": 0, "history": history}
             self.loop.save(step, state, meta, force=True)
         return self.finish(history)
+
+    def export_iterate(self, t: int, policy: Llama) -> None:
+        """``iterates/<t>/`` (the merged model) and, with LoRA, ``adapters/<t>/``."""
+        msgpack = self.stage.train.export_msgpack
+        export(policy, self.ctx, os.path.join(ITERATES_DIR, str(t)), msgpack=msgpack)
+        if policy.config.lora is not None:
+            export_adapter(policy, self.ctx, os.path.join(ADAPTERS_DIR, str(t)))
 
     # -- dual step --------------------------------------------------------------------
 
@@ -527,13 +545,25 @@ class CaidRun:
         return "feasible" if history[best]["feasible"] else "none feasible: least violating"
 
     def publish_model(self, best: int) -> None:
-        """``model/``: a link to ``iterates/<best>``, or an export of pi_ref for iterate 0."""
+        """``model/``: a link to ``iterates/<best>``, or an export of pi_ref for iterate 0;
+        with LoRA, ``adapter/`` likewise (iterate 0: the fresh adapters, B = 0)."""
+        lora = self.stage.lora is not None
         if best == 0:
             export(self.reference, self.ctx, msgpack=self.stage.train.export_msgpack)
-        elif jax.process_index() == 0:
-            path = os.path.join(self.ctx.stage_dir, MODEL_DIR)
-            link = os.path.join(self.ctx.stage_dir, f".{MODEL_DIR}.link")
-            if os.path.lexists(link):  # left by a killed run
-                os.unlink(link)
-            os.symlink(os.path.join(ITERATES_DIR, str(best)), link)
-            os.replace(link, path)  # atomically replaces an earlier link
+            if lora:
+                export_adapter(self.start_policy, self.ctx)
+            return
+        self.link(MODEL_DIR, os.path.join(ITERATES_DIR, str(best)))
+        if lora:
+            self.link(ADAPTER_DIR, os.path.join(ADAPTERS_DIR, str(best)))
+
+    def link(self, name: str, target: str) -> None:
+        """``stage_dir/name`` -> ``target`` (relative), replacing an earlier link atomically."""
+        if jax.process_index() != 0:
+            return
+        path = os.path.join(self.ctx.stage_dir, name)
+        link = os.path.join(self.ctx.stage_dir, f".{name}.link")
+        if os.path.lexists(link):  # left by a killed run
+            os.unlink(link)
+        os.symlink(target, link)
+        os.replace(link, path)

@@ -4,7 +4,9 @@ For two models with q in [0, 1]: theta = (1 - q) * theta_0 + q * theta_1. SACPO'
 P-SACPO merges the reward-aligned model (theta_0) with its over-realigned safety model
 (theta_1, small beta/lambda); the paper's naive baseline merges theta_0 with a
 safety-only DPO model trained from SFT. Each parameter is combined in float32 under
-jit, keeping its sharding, then cast back to the parameter dtype.
+jit, keeping its sharding, then cast back to the parameter dtype. Models with adapters or
+a quantised base are merged / dequantised first (``transforms.merged``): the result is a
+plain model.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from sacpo_jax.errors import SacpoError
+from sacpo_jax.models import transforms
 from sacpo_jax.models.llama import Llama, LlamaConfig
 from sacpo_jax.training.state import all_finite
 
@@ -39,6 +42,7 @@ def merge_models(models: Sequence[Llama], weights: Sequence[float]) -> Llama:
         )
     if abs(sum(weights) - 1.0) > 1e-6:
         raise MergeError(f"merge weights must sum to 1, got {list(weights)} (sum {sum(weights)})")
+    models = [transforms.merged(model) for model in models]
     first = _architecture(models[0].config)
     for model in models[1:]:
         if _architecture(model.config) != first:

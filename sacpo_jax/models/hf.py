@@ -18,6 +18,7 @@ from __future__ import annotations
 import glob
 import importlib
 import json
+import math
 import os
 import re
 from collections.abc import Callable
@@ -31,9 +32,9 @@ from flax import nnx
 from jax.sharding import Mesh
 
 from sacpo_jax import parallel
-from sacpo_jax.models import formats
+from sacpo_jax.models import formats, quant, transforms
 from sacpo_jax.models.formats import CheckpointError
-from sacpo_jax.models.llama import Llama, LlamaConfig, RopeConfig
+from sacpo_jax.models.llama import Llama, LlamaConfig, RopeConfig, projection_shapes
 from sacpo_jax.models.safetensors_io import PlannedTensor, SafetensorsReader, write_safetensors
 
 ARCHITECTURES = {
@@ -419,19 +420,57 @@ def _block_reader(reader, name: str, tmap: TensorMap, config: LlamaConfig):
     return read
 
 
+_quantize_on_device = jax.jit(quant.quantize, static_argnames="kind")
+
+
+def _quantized_block_reader(reader, name: str, maps: dict[str, TensorMap], config: LlamaConfig):
+    """read(index) -> the block at ``index`` of a quantised projection's codes or absmax
+    (``layers/q_codes``, ``layers/q_absmax``), quantised from the file one layer at a
+    time: the rows read are the whole absmax blocks that cover the asked rows."""
+    projection, part = name.removeprefix("layers/").rsplit("_", 1)
+    tmap, kind = maps[f"layers/{projection}"], config.quantize
+    inputs, outputs = projection_shapes(config)[projection]
+    rows, cols = math.prod(inputs), math.prod(outputs)
+    block = quant.block_rows(kind, rows)
+    per_element = quant.rows_per_code(kind) if part == "codes" else block
+    hf_names = _hf_names(f"layers/{projection}", tmap, config)
+
+    def read(index: tuple[slice, ...]) -> np.ndarray:
+        layers, stored, columns = index
+        first, stop, _ = stored.indices(rows // per_element)
+        begin, end = first * per_element, stop * per_element
+        aligned = slice(begin // block * block, -(-end // block) * block)
+        offset = (begin - aligned.start) // per_element
+        out = []
+        for i in range(config.num_hidden_layers)[layers]:
+            weight = tmap.to_ours(reader.view(hf_names[i]), config).reshape(rows, cols)
+            values = np.asarray(weight[aligned, columns], np.float32)
+            codes, absmax = _quantize_on_device(values, kind=kind)
+            quantized = np.asarray(codes if part == "codes" else absmax)
+            out.append(quantized[offset : offset + stop - first])
+        return np.stack(out)
+
+    return read
+
+
 def place_parameters(
     reader, maps: dict[str, TensorMap], config: LlamaConfig, mesh: Mesh | None
 ) -> Llama:
     """A Llama whose every parameter is built block by block from ``reader`` via ``maps``
-    (reader: ``view(name)`` -> array, as SafetensorsReader); default mesh: one device."""
+    (reader: ``view(name)`` -> array, as SafetensorsReader); default mesh: one device.
+    With ``config.quantize`` each projection is quantised block by block as it is read:
+    no process holds more than one layer's block of a dense projection."""
     mesh = mesh or parallel.make_mesh(devices=jax.devices()[:1])
     graphdef, abstract = nnx.split(nnx.eval_shape(lambda: Llama(config, rngs=nnx.Rngs(0))))
 
     def place(key_path, leaf):
         name = parallel.path_name(key_path)
         sharding = jax.sharding.NamedSharding(mesh, parallel.param_spec(name, leaf.shape, mesh))
-        read = _block_reader(reader, name, maps[name], config)
-        return parallel.place_from_host(leaf.shape, jnp.dtype(config.param_dtype), sharding, read)
+        if name in maps:
+            read = _block_reader(reader, name, maps[name], config)
+        else:
+            read = _quantized_block_reader(reader, name, maps, config)
+        return parallel.place_from_host(leaf.shape, leaf.dtype, sharding, read)
 
     state = jax.tree_util.tree_map_with_path(place, abstract)
     return nnx.merge(graphdef, state)
@@ -445,6 +484,7 @@ def load_checkpoint(
     compute_dtype: str | None = None,
     format: str | None = None,
     llama_config: str | None = None,
+    quantize: str | None = None,
     **options: Any,
 ) -> Llama:
     """Import a LLaMA checkpoint in any format of ``formats`` as a sharded Llama module.
@@ -452,6 +492,8 @@ def load_checkpoint(
     dtype: parameter dtype (default: the checkpoint's). mesh: where to place the
     parameters (default: one device). format: force a format (default: told from the
     files). llama_config: the architecture for formats that store none (EasyLM, MaxText).
+    quantize: "nf4" or "int8" storage of the projections (safetensors are quantised
+    while read, block by block; other formats after import, on the devices).
     options: LlamaConfig execution options (remat, scan_layers). ``path`` may also be a
     hub id ("owner/name").
     """
@@ -459,7 +501,7 @@ def load_checkpoint(
     kind = formats.detect(path, format)
     if kind != "safetensors":
         module = importlib.import_module(f"sacpo_jax.models.{kind}")
-        return module.load_checkpoint(
+        model = module.load_checkpoint(
             path,
             dtype=dtype,
             mesh=mesh,
@@ -467,6 +509,7 @@ def load_checkpoint(
             llama_config=llama_config,
             **options,
         )
+        return model if quantize is None else _quantized(model, quantize, path)
     hf = read_hf_config(llama_config or path)
     reader = open_safetensors(path)
     stored = reader.info(
@@ -480,11 +523,19 @@ def load_checkpoint(
         dtype=compute_dtype,
         where=where,
         generation=read_generation_config(path),
+        quantize=quantize,
         **options,
     )
     maps = tensor_maps(config)
     check_tensors(reader, maps, config, path)
     return place_parameters(reader, maps, config, mesh)
+
+
+def _quantized(model: Llama, kind: str, path: str) -> Llama:
+    try:
+        return transforms.quantized(model, kind)
+    except ValueError as e:
+        raise CheckpointError(f"{path}: {e}") from None
 
 
 # ----------------------------------------------------------------------------- export

@@ -14,6 +14,12 @@ shapes that make the math readable:
     lm_head      [hidden, vocab]            (absent when embeddings are tied)
     score_head   [hidden, 1]                (score models only)
 
+Two optional variants of the seven projections (``LlamaConfig.lora``, ``.quantize``):
+LoRA adapters ``<p>_lora_a`` / ``<p>_lora_b`` beside a targeted projection
+(``sacpo_jax.models.lora``), and a frozen base stored as ``<p>_codes`` / ``<p>_absmax``
+in NF4 or int8 (``sacpo_jax.models.quant``), dequantised one layer at a time inside the
+forward pass.
+
 The block is the standard pre-norm LLaMA block:
 
     h = x + Attn(RMSNorm(x));   y = h + SwiGLU(RMSNorm(h))
@@ -38,6 +44,8 @@ import jax.numpy as jnp
 from flax import nnx
 
 from sacpo_jax import parallel
+from sacpo_jax.models import lora, quant
+from sacpo_jax.models.lora import LoraConfig
 
 ROPE_TYPES = ("default", "linear", "llama3")
 ATTENTION_IMPLEMENTATIONS = ("auto", "blocked", "cudnn")
@@ -95,6 +103,8 @@ class LlamaConfig:
     vocab_chunk: int = 4096
     hf_extra_json: str = "{}"
     generation_config_json: str = "{}"
+    lora: LoraConfig | None = None
+    quantize: str | None = None
 
     def __post_init__(self):
         if self.num_attention_heads % self.num_key_value_heads:
@@ -113,6 +123,9 @@ class LlamaConfig:
             raise ValueError(
                 f"unsupported rope_type {self.rope.rope_type!r}; supported: {', '.join(ROPE_TYPES)}"
             )
+        if self.quantize is not None:
+            for name, (inputs, _) in projection_shapes(self).items():
+                quant.check_rows(self.quantize, math.prod(inputs), f"{name} ({inputs})")
 
     @property
     def score_model(self) -> bool:
@@ -129,6 +142,21 @@ class LlamaConfig:
 
     def replace(self, **changes: Any) -> LlamaConfig:
         return dataclasses.replace(self, **changes)
+
+
+def projection_shapes(config: LlamaConfig) -> dict[str, tuple[tuple[int, ...], tuple[int, ...]]]:
+    """(input dims, output dims) of each projection's per-layer weight, in block order."""
+    c = config
+    d, f, hd = c.hidden_size, c.intermediate_size, c.head_dim
+    return {
+        "q": ((d,), (c.num_attention_heads, hd)),
+        "k": ((d,), (c.num_key_value_heads, hd)),
+        "v": ((d,), (c.num_key_value_heads, hd)),
+        "o": ((c.num_attention_heads, hd), (d,)),
+        "gate": ((d,), (f,)),
+        "up": ((d,), (f,)),
+        "down": ((f,), (d,)),
+    }
 
 
 def tiny_config(**overrides: Any) -> LlamaConfig:
@@ -335,13 +363,21 @@ class DecoderLayers(nnx.Module):
         h, kv, hd = c.num_attention_heads, c.num_key_value_heads, c.head_dim
         self.input_norm = _param(rngs, (n, d), dt, None)
         self.post_attention_norm = _param(rngs, (n, d), dt, None)
-        self.q = _param(rngs, (n, d, h, hd), dt, init_std)
-        self.k = _param(rngs, (n, d, kv, hd), dt, init_std)
-        self.v = _param(rngs, (n, d, kv, hd), dt, init_std)
-        self.o = _param(rngs, (n, h, hd, d), dt, init_std)
-        self.gate = _param(rngs, (n, d, f), dt, init_std)
-        self.up = _param(rngs, (n, d, f), dt, init_std)
-        self.down = _param(rngs, (n, f, d), dt, init_std)
+        shapes = projection_shapes(c)
+        for name, (inputs, outputs) in shapes.items():
+            weight = _param(rngs, (n, *inputs, *outputs), dt, init_std)
+            if c.quantize is None:
+                setattr(self, name, weight)
+                continue
+            matrix = weight[...].reshape(n, math.prod(inputs), math.prod(outputs))
+            codes, absmax = quant.quantize(matrix, c.quantize)
+            setattr(self, f"{name}_codes", nnx.Param(codes))
+            setattr(self, f"{name}_absmax", nnx.Param(absmax))
+        for name in c.lora.targets if c.lora else ():
+            a, b = lora.init_adapter(rngs.params(), n, *shapes[name], c.lora.rank)
+            a_name, b_name = lora.adapter_names(name)
+            setattr(self, a_name, nnx.Param(a))
+            setattr(self, b_name, nnx.Param(b))
         if c.attention_bias:
             self.q_bias = nnx.Param(jnp.zeros((n, h, hd), dt))
             self.k_bias = nnx.Param(jnp.zeros((n, kv, hd), dt))
@@ -357,6 +393,45 @@ def _bias(layer: dict[str, jax.Array], name: str, dtype) -> jax.Array | float:
     return layer[name].astype(dtype) if name in layer else 0.0
 
 
+def dense_layer(layer: dict[str, jax.Array], config: LlamaConfig) -> dict[str, jax.Array]:
+    """One layer's base weights in the compute dtype: quantised projections dequantised
+    to their [*in, *out] shape, adapters left out."""
+    dt = jnp.dtype(config.dtype)
+    shapes = projection_shapes(config)
+    out = {}
+    for name, value in layer.items():
+        if name.endswith("_codes"):
+            projection = name.removesuffix("_codes")
+            inputs, outputs = shapes[projection]
+            weight = quant.dequantize(value, layer[f"{projection}_absmax"], config.quantize, dt)
+            out[projection] = weight.reshape(*inputs, *outputs)
+        elif not (name.endswith("_absmax") or lora.is_adapter(name)):
+            out[name] = value.astype(dt)
+    return out
+
+
+def project(
+    x: jax.Array,
+    name: str,
+    dense: dict[str, jax.Array],
+    layer: dict[str, jax.Array],
+    config: LlamaConfig,
+    dropout_key: jax.Array | None = None,
+) -> jax.Array:
+    """Projection ``name`` of one layer: x W + bias, plus the LoRA delta s (drop(x) A) B
+    when ``layer`` has adapters for it. x [batch, seq, *in] -> [batch, seq, *out];
+    ``dense``: ``dense_layer(layer, config)``."""
+    inputs = len(projection_shapes(config)[name][0])
+    y = jnp.tensordot(x, dense[name], axes=inputs) + _bias(dense, f"{name}_bias", x.dtype)
+    a_name, b_name = lora.adapter_names(name)
+    if a_name not in layer:
+        return y
+    key = None
+    if dropout_key is not None:
+        key = jax.random.fold_in(dropout_key, list(lora.PEFT_MODULES).index(name))
+    return y + lora.delta(x, layer[a_name], layer[b_name], config.lora, key)
+
+
 def decoder_block(
     layer: dict[str, jax.Array],
     x: jax.Array,
@@ -366,19 +441,21 @@ def decoder_block(
     inv_freq: jax.Array,
     kv_cache: tuple[jax.Array, jax.Array] | None = None,
     cache_index: jax.Array | None = None,
+    dropout_key: jax.Array | None = None,
 ) -> tuple[jax.Array, tuple[jax.Array, jax.Array] | None]:
     """One pre-norm LLaMA block on one layer's weights (a dict of un-stacked arrays).
 
     With ``kv_cache`` ([b, max_len, kv_heads, d] keys and values), the new keys and
     values are written at ``cache_index`` and attention runs over the whole cache; the
-    mask must then cover the cache length.
+    mask must then cover the cache length. Each projection adds its LoRA delta when the
+    layer has adapters for it; ``dropout_key`` (training only) drops adapter inputs.
     """
     dt = jnp.dtype(config.dtype)
-    w = {name: value.astype(dt) for name, value in layer.items()}
+    w = dense_layer(layer, config)
     h = rms_norm(x, layer["input_norm"], config.rms_norm_eps)
-    q = jnp.einsum("bsd,dhe->bshe", h, w["q"]) + _bias(w, "q_bias", dt)
-    k = jnp.einsum("bsd,dhe->bshe", h, w["k"]) + _bias(w, "k_bias", dt)
-    v = jnp.einsum("bsd,dhe->bshe", h, w["v"]) + _bias(w, "v_bias", dt)
+    q = project(h, "q", w, layer, config, dropout_key)
+    k = project(h, "k", w, layer, config, dropout_key)
+    v = project(h, "v", w, layer, config, dropout_key)
     q, k = apply_rope(q, positions, inv_freq), apply_rope(k, positions, inv_freq)
     if kv_cache is not None:
         k_all = jax.lax.dynamic_update_slice_in_dim(
@@ -390,11 +467,11 @@ def decoder_block(
         kv_cache = (k_all, v_all)
         k, v = k_all.astype(dt), v_all.astype(dt)
     attn = attend(q, k, v, mask, config.attention_block, config.attention)
-    x = x + jnp.einsum("bshe,hed->bsd", attn, w["o"]) + _bias(w, "o_bias", dt)
+    x = x + project(attn, "o", w, layer, config, dropout_key)
     h = rms_norm(x, layer["post_attention_norm"], config.rms_norm_eps)
-    gate = jnp.einsum("bsd,df->bsf", h, w["gate"]) + _bias(w, "gate_bias", dt)
-    up = jnp.einsum("bsd,df->bsf", h, w["up"]) + _bias(w, "up_bias", dt)
-    x = x + jnp.einsum("bsf,fd->bsd", jax.nn.silu(gate) * up, w["down"]) + _bias(w, "down_bias", dt)
+    gate = project(h, "gate", w, layer, config, dropout_key)
+    up = project(h, "up", w, layer, config, dropout_key)
+    x = x + project(jax.nn.silu(gate) * up, "down", w, layer, config, dropout_key)
     return x, kv_cache
 
 
@@ -406,25 +483,39 @@ def run_layers(
     config: LlamaConfig,
     kv_caches: tuple[jax.Array, jax.Array] | None = None,
     cache_index: jax.Array | None = None,
+    dropout_key: jax.Array | None = None,
 ) -> tuple[jax.Array, tuple[jax.Array, jax.Array] | None]:
-    """Apply every block in order, scanned or unrolled; caches are stacked [layers, ...]."""
+    """Apply every block in order, scanned or unrolled; caches are stacked [layers, ...].
+    ``dropout_key`` is split into one key per layer."""
     inv_freq = rope_inverse_frequencies(config.head_dim, config.rope)
+    keys = None
+    if dropout_key is not None:
+        keys = jax.random.split(dropout_key, config.num_hidden_layers)
 
-    def block(x, layer_and_cache):
-        layer, cache = layer_and_cache
+    def block(x, layer_cache_key):
+        layer, cache, key = layer_cache_key
         x, cache = decoder_block(
-            layer, parallel.constrain_rows(x), positions, mask, config, inv_freq, cache, cache_index
+            layer,
+            parallel.constrain_rows(x),
+            positions,
+            mask,
+            config,
+            inv_freq,
+            cache,
+            cache_index,
+            key,
         )
         return parallel.constrain_rows(x), cache
 
     if config.remat:
         block = jax.checkpoint(block, policy=jax.checkpoint_policies.nothing_saveable)
     if config.scan_layers:
-        return jax.lax.scan(block, x, (layers, kv_caches))
+        return jax.lax.scan(block, x, (layers, kv_caches, keys))
     new_caches = []
     for i in range(config.num_hidden_layers):
         cache_i = None if kv_caches is None else jax.tree.map(lambda c, i=i: c[i], kv_caches)
-        x, cache_i = block(x, (jax.tree.map(lambda p, i=i: p[i], layers), cache_i))
+        key_i = None if keys is None else keys[i]
+        x, cache_i = block(x, (jax.tree.map(lambda p, i=i: p[i], layers), cache_i, key_i))
         new_caches.append(cache_i)
     if kv_caches is None:
         return x, None
@@ -436,10 +527,14 @@ class Llama(nnx.Module):
 
     ``model(input_ids, attention_mask)`` returns logits [batch, seq, vocab] for a causal
     LM, and scores [batch] read at each row's last real token for a score model.
+
+    ``dropout_key``: None, or (set by the train step on the model it builds inside its
+    compiled function) the key of this forward's LoRA dropout.
     """
 
     def __init__(self, config: LlamaConfig, *, rngs: nnx.Rngs, init_std: float = 0.02):
         self.config = config
+        self.dropout_key: jax.Array | None = None
         dt = jnp.dtype(config.param_dtype)
         self.embed = _param(rngs, (config.vocab_size, config.hidden_size), dt, init_std)
         self.layers = DecoderLayers(config, rngs, init_std)
@@ -480,7 +575,9 @@ class Llama(nnx.Module):
             positions = positions_from_mask(attention_mask)
         x = self.embed[...][input_ids].astype(jnp.dtype(self.config.dtype))
         mask = AttentionMask(attention_mask, segment_ids=segment_ids)
-        x, _ = run_layers(self.layer_weights(), x, positions, mask, self.config)
+        x, _ = run_layers(
+            self.layer_weights(), x, positions, mask, self.config, dropout_key=self.dropout_key
+        )
         return rms_norm(x, self.final_norm[...], self.config.rms_norm_eps)
 
     def output_head(self) -> jax.Array:

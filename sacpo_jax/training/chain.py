@@ -10,6 +10,12 @@ are tried.
 
 Merge stages (P-SACPO) and evaluate stages read earlier results by name. Finished
 stages are not retrained: their exported model is loaded back.
+
+LoRA stages chain through merged models: a LoRA stage trains adapters on its frozen start
+and its result is the start with the adapters merged in (in the base's dtype), so the
+next stage starts from, and by default refers to, that merged model, and trains fresh
+adapters of its own. A start {base, adapter} is the base with a PEFT adapter merged in.
+With a quantised run (``model.quantize``) every model held here is stored quantised.
 """
 
 from __future__ import annotations
@@ -20,7 +26,7 @@ from typing import Any
 
 from sacpo_jax.config import INITIAL, MergeStage, ReferencedStage, StageBase, TrainedStage
 from sacpo_jax.errors import SacpoError
-from sacpo_jax.models import hf
+from sacpo_jax.models import hf, peft_io, transforms
 from sacpo_jax.models.llama import Llama
 
 
@@ -45,7 +51,8 @@ def sweep_series(expanded: list) -> dict[str, list[str]]:
             series[base] = [first.models[0]] + [s.name for s in ordered] + [first.models[1]]
         else:
             ordered = sorted(members, key=lambda s: -s.beta)
-            series[base] = [first.start] + [s.name for s in ordered]
+            start = [first.start] if isinstance(first.start, str) else []
+            series[base] = start + [s.name for s in ordered]
     return series
 
 
@@ -85,9 +92,19 @@ class ModelStore:
     def names(self) -> list[str]:
         return list(self._models)
 
+    def start_of(self, stage: TrainedStage) -> Llama:
+        """A training stage's start: a model by name, or a base with a PEFT adapter merged
+        in (quantised again when the base is)."""
+        if isinstance(stage.start, str):
+            return self.get(stage.start, stage.name)
+        base = self.get(stage.start.base, stage.name)
+        adapted = transforms.merged(peft_io.load_adapter(base, stage.start.adapter))
+        kind = base.config.quantize
+        return adapted if kind is None else transforms.quantized(adapted, kind)
+
     def start_and_reference(self, stage: TrainedStage) -> tuple[Llama, Llama]:
         """A training stage's start model and its reference (its start unless it names one)."""
-        start = self.get(stage.start, stage.name)
+        start = self.start_of(stage)
         if isinstance(stage, ReferencedStage) and stage.reference != "start":
             return start, self.get(stage.reference, stage.name)
         return start, start

@@ -49,7 +49,10 @@ class TrainingError(RunFailure):
 
 
 class Trainer:
-    """An objective's compiled steps on one mesh, and the states they map."""
+    """An objective's compiled steps on one mesh, and the states they map.
+
+    ``trainable``: which parameter leaves train (the rest are frozen); ``seed``: the
+    randomness of the step (LoRA dropout), folded with the step number."""
 
     def __init__(
         self,
@@ -62,10 +65,11 @@ class Trainer:
         grad_accum: int = 1,
         reference: OnTheFlyReference | None = None,
         trainable: Trainable = train_all,
+        seed: int = 0,
     ):
         self.objective, self.graphdef, self.model_config = objective, graphdef, model_config
         self.optimizer, self.mesh, self.grad_accum = optimizer, mesh, grad_accum
-        self.reference, self.trainable = reference, trainable
+        self.reference, self.trainable, self.seed = reference, trainable, seed
         self.coefficients = as_arrays(objective.coefficients)
         self.eval_step = make_eval_step(graphdef, objective.loss, mesh)
         self.train_step: Callable | None = None
@@ -149,6 +153,7 @@ class Trainer:
                 state_shardings=self.state_shardings,
                 mesh=self.mesh,
                 grad_accum=self.grad_accum,
+                seed=self.seed,
             )
         return self.train_step
 

@@ -9,6 +9,10 @@ scalars (learning_rate, beta, ...): traced, so new values never recompile.
 
 Gradient accumulation: a batch of shape [accum, micro, ...] is scanned micro-batch by
 micro-batch, gradients are averaged, and one update is applied.
+
+Randomness (LoRA dropout): micro-batch m of the update from step t runs with the key
+fold_in(fold_in(key(seed), t), m), a pure function of the step, so a resumed stage draws
+the masks it would have drawn; nothing random is stored in the state.
 """
 
 from __future__ import annotations
@@ -35,13 +39,15 @@ def make_train_step(
     state_shardings: TrainState,
     mesh: Mesh,
     grad_accum: int = 1,
+    seed: int = 0,
 ) -> Callable:
     """``train_step(state, batch, coeffs)``; ``train_step.compiled`` is the jitted update
     of the trainable part, ``(trainable_state, frozen, batch, coeffs)``."""
 
-    def loss_fn(params, frozen, micro, coeffs):
+    def loss_fn(params, frozen, micro, coeffs, dropout_key):
         with on_mesh(mesh):
             model = nnx.merge(graphdef, join(params, frozen))
+            model.dropout_key = dropout_key
             value, metrics, _ = loss(model, micro, coeffs)
         return value, metrics
 
@@ -49,13 +55,17 @@ def make_train_step(
 
     def step(state: TrainState, frozen, batch: dict, coeffs):
         micro_batches = batch if grad_accum > 1 else jax.tree.map(lambda x: x[None], batch)
+        step_key = jax.random.fold_in(jax.random.key(seed), state.step)
 
-        def accumulate(grads_sum, micro):
-            (value, metrics), grads = grad_fn(state.params, frozen, micro, coeffs)
+        def accumulate(grads_sum, micro_and_index):
+            micro, index = micro_and_index
+            key = jax.random.fold_in(step_key, index)
+            (value, metrics), grads = grad_fn(state.params, frozen, micro, coeffs, key)
             return jax.tree.map(jnp.add, grads_sum, grads), {"loss": value, **metrics}
 
         zeros = jax.tree.map(jnp.zeros_like, state.params)
-        grads, metrics = jax.lax.scan(accumulate, zeros, micro_batches)
+        indices = jnp.arange(grad_accum)
+        grads, metrics = jax.lax.scan(accumulate, zeros, (micro_batches, indices))
         grads = jax.tree.map(lambda g: g / grad_accum, grads)
         metrics = jax.tree.map(jnp.mean, metrics)
         direction, opt_state = optimizer.update(grads, state.opt_state, state.params)
