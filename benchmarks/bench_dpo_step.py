@@ -1,6 +1,8 @@
-"""DPO train-step throughput and peak memory: precomputed vs on-the-fly reference.
+"""DPO train-step throughput and peak memory: precomputed vs on-the-fly reference, and
+full fine-tuning vs LoRA.
 
-    python benchmarks/bench_dpo_step.py [--layers 4 --hidden 256 --batch 16 --length 128]
+    python benchmarks/bench_dpo_step.py [--layers 4 --hidden 256 --batch 16 --length 128] \
+        [--lora 16] [--repeats 3]
 
 Each mode runs in its own process: ``precompute`` steps on batches that already carry
 the reference log-probs (the one-time reference pass is timed per batch);
@@ -11,7 +13,10 @@ sequence of every pair (all tokens real, no padding). Memory: the resident high-
 mark while training (VmHWM, reset after warm-up, Linux) and over the whole process
 (ru_maxrss, which includes the reference pass and compilation).
 Random token ids; a LLaMA with the given width and depth, vocabulary ``--vocab``.
-Prints one markdown table row per mode.
+``--lora R`` adds a third program: the precomputed-reference step with LoRA adapters of
+rank R (alpha 2R) on all seven projections, the base frozen. The programs run
+interleaved (A B C, A B C, ...) ``--repeats`` times in fresh processes; the table quotes
+the median over runs. Prints one markdown table row per program.
 """
 
 from __future__ import annotations
@@ -26,7 +31,7 @@ import subprocess
 import sys
 import time
 
-MODES = ("precompute", "on_the_fly")
+MODES = ("precompute", "on_the_fly", "lora")
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -39,6 +44,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--batch", type=int, default=16, help="pairs per step")
     parser.add_argument("--length", type=int, default=128, help="tokens per sequence")
     parser.add_argument("--steps", type=int, default=10, help="timed steps (after 2 warm-up)")
+    parser.add_argument("--lora", type=int, default=0, help="also time LoRA of this rank")
+    parser.add_argument("--repeats", type=int, default=3, help="interleaved runs per program")
     parser.add_argument("--mode", choices=MODES, help="run one mode in this process")
     return parser.parse_args(argv)
 
@@ -71,11 +78,13 @@ def measure(args) -> dict:
     from sacpo_jax import parallel
     from sacpo_jax.models.init import init_model
     from sacpo_jax.models.llama import LlamaConfig
+    from sacpo_jax.models.lora import PEFT_MODULES, LoraConfig, is_adapter
+    from sacpo_jax.models.transforms import with_adapters
     from sacpo_jax.training import objectives
     from sacpo_jax.training import step as steps
     from sacpo_jax.training.loop import Trainer
     from sacpo_jax.training.optim import make_optimizer
-    from sacpo_jax.training.state import split_model
+    from sacpo_jax.training.state import split_model, train_all
 
     mesh = parallel.make_mesh(1, 1, 1, devices=jax.devices()[:1])
     architecture = LlamaConfig(
@@ -88,12 +97,17 @@ def measure(args) -> dict:
         head_dim=args.hidden // args.heads,
     )
     model = init_model(architecture, mesh, seed=0)
+    if args.mode == "lora":  # all seven projections, alpha 2 r; the base is frozen
+        model = with_adapters(
+            model, LoraConfig(args.lora, 2.0 * args.lora, targets=tuple(PEFT_MODULES))
+        )
     graphdef, params = split_model(model)
+    config = model.config
     del model
     reference_step = steps.make_reference_step(graphdef, objectives.PAIR_REFERENCE)
     batches = [_place(random_pairs(args, seed)) for seed in range(args.steps + 2)]
     reference_seconds = reference_params = None
-    if args.mode == "precompute":
+    if args.mode in ("precompute", "lora"):
         # The reference is the start model: one pass, then only the policy stays.
         jax.block_until_ready(reference_step(params, batches[0]))  # compile
         start = time.perf_counter()
@@ -103,7 +117,8 @@ def measure(args) -> dict:
     else:
         reference_params = jax.tree.map(lambda x: x.copy(), params)  # the frozen copy
     objective = objectives.dpo("sigmoid", objectives.DpoCoefficients(1e-5, 0.1))
-    trainer = Trainer(objective, graphdef, architecture, make_optimizer(1000), mesh)
+    trainable = is_adapter if args.mode == "lora" else train_all
+    trainer = Trainer(objective, graphdef, config, make_optimizer(1000), mesh, trainable=trainable)
     state = trainer.fresh_state(params)
     del params
 
@@ -129,7 +144,8 @@ def measure(args) -> dict:
         "reference_pass_seconds_per_batch": reference_seconds,
         "training_peak_rss_mib": peak_rss_mib(),
         "process_peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-        "parameters": sum(x.size for x in jax.tree.leaves(state.params)),
+        "parameters": sum(x.size for x in jax.tree.leaves(state.model_params())),
+        "trained_parameters": sum(x.size for x in jax.tree.leaves(state.params)),
     }
 
 
@@ -153,28 +169,37 @@ def main(argv=None) -> None:
     if args.mode:
         print(json.dumps(measure(args)))
         return
-    results = []
-    for mode in MODES:
-        command = [sys.executable, __file__, *(argv or sys.argv[1:]), "--mode", mode]
-        out = subprocess.run(command, check=True, capture_output=True, text=True).stdout
-        results.append(json.loads(out.strip().splitlines()[-1]))
+    modes = MODES if args.lora else MODES[:2]
+    runs: dict[str, list[dict]] = {mode: [] for mode in modes}
+    print(f"load average before: {os.getloadavg()}")
+    for _ in range(args.repeats):
+        for mode in modes:  # interleaved
+            command = [sys.executable, __file__, *(argv or sys.argv[1:]), "--mode", mode]
+            out = subprocess.run(command, check=True, capture_output=True, text=True).stdout
+            runs[mode].append(json.loads(out.strip().splitlines()[-1]))
+    print(f"load average after: {os.getloadavg()}")
+    first = runs[modes[0]][0]
     print(
         f"DPO step, {args.layers} layers x width {args.hidden}, vocab {args.vocab}, "
-        f"{results[0]['parameters'] / 1e6:.1f}M parameters, {args.batch} pairs x {args.length} "
-        f"tokens, float32, {os.cpu_count()} CPU cores ({platform.machine()})"
+        f"{first['parameters'] / 1e6:.1f}M parameters, {args.batch} pairs x {args.length} "
+        f"tokens, float32, {os.cpu_count()} CPU cores ({platform.machine()}); median over "
+        f"{args.repeats} interleaved runs of each run's median of {args.steps} steps"
     )
     print(
-        "\n| reference | step (s, median) | step (s, min) | tokens/s (median) "
-        "| peak RSS while training (MiB) | process peak RSS (MiB) |"
+        "\n| program | trained parameters | step (s, median) | tokens/s | runs (tokens/s) "
+        "| peak RSS while training (MiB) |"
     )
     print("|---|---|---|---|---|---|")
-    for r in results:
+    for mode in modes:
+        rows = runs[mode]
+        seconds = statistics.median(r["step_seconds"] for r in rows)
+        rates = [round(r["tokens_per_second"]) for r in rows]
+        rss = statistics.median(r["training_peak_rss_mib"] for r in rows)
         print(
-            f"| {r['mode']} | {r['step_seconds']:.3f} | {r['min_step_seconds']:.3f} "
-            f"| {r['tokens_per_second']:.0f} | {r['training_peak_rss_mib']:.0f} "
-            f"| {r['process_peak_rss_mib']:.0f} |"
+            f"| {mode} | {rows[0]['trained_parameters'] / 1e6:.2f}M | {seconds:.3f} "
+            f"| {2 * args.batch * args.length / seconds:.0f} | {rates} | {rss:.0f} |"
         )
-    reference = results[0]["reference_pass_seconds_per_batch"]
+    reference = statistics.median(r["reference_pass_seconds_per_batch"] for r in runs["precompute"])
     print(
         f"\nprecompute: one-time reference pass {reference:.3f} s per batch of {args.batch} pairs"
     )
