@@ -120,6 +120,37 @@ def _token_pass(graphdef, reference_graphdef, params, reference_params, ids, mas
     }
 
 
+def actor_critic_optimizer(stage: PpoLagrangianStage, total: int) -> optax.GradientTransformation:
+    """One optimiser per module of ``ActorCritics`` over ``total`` updates, each clipping
+    its own gradient norm. The step scales every update by the actor's learning rate, so
+    each critic's optimiser ends with critic_lr / actor_lr."""
+    critic = stage.critic_train
+    b1, b2 = critic.adam_betas
+    critic_optimizer = optax.chain(
+        make_optimizer(
+            total,
+            warmup_ratio=critic.warmup_ratio,
+            weight_decay=critic.weight_decay,
+            max_grad_norm=critic.max_grad_norm,
+            b1=b1,
+            b2=b2,
+            moments_dtype=stage.train.adam_dtype,
+            schedule=critic.schedule,
+        ),
+        optax.scale(critic.learning_rate / stage.train.learning_rate),
+    )
+    transforms = {
+        "actor": policy_optimizer(stage.train, total),
+        "reward_critic": critic_optimizer,
+        "cost_critic": critic_optimizer,
+    }
+
+    def labels(params: dict) -> dict:
+        return {name: jax.tree.map(lambda _, n=name: n, params[name]) for name in MODULES}
+
+    return optax.multi_transform(transforms, labels)
+
+
 def fresh_copy(model: Llama) -> Llama:
     """The same module rebuilt from its parameters: its own variables, shared arrays."""
     return nnx.merge(*split_model(model))
@@ -161,40 +192,11 @@ class PpoLagrangianRun(OnPolicyRun):
             Objective(ppo_loss, coefficients),
             self.graphdef,
             self.reference.config,
-            self.optimizer(),
+            actor_critic_optimizer(stage, self.total),
             self.ctx.mesh,
             grad_accum=stage.train.grad_accum,
         )
         return trainer, params
-
-    def optimizer(self) -> optax.GradientTransformation:
-        """One optimiser per module. The step scales every update by the actor's learning
-        rate, so each critic's ends with critic_lr / actor_lr."""
-        stage, critic = self.stage, self.stage.critic_train
-        b1, b2 = critic.adam_betas
-        critic_optimizer = optax.chain(
-            make_optimizer(
-                self.total,
-                warmup_ratio=critic.warmup_ratio,
-                weight_decay=critic.weight_decay,
-                max_grad_norm=critic.max_grad_norm,
-                b1=b1,
-                b2=b2,
-                moments_dtype=stage.train.adam_dtype,
-                schedule=critic.schedule,
-            ),
-            optax.scale(critic.learning_rate / stage.train.learning_rate),
-        )
-        transforms = {
-            "actor": policy_optimizer(stage.train, self.total),
-            "reward_critic": critic_optimizer,
-            "cost_critic": critic_optimizer,
-        }
-
-        def labels(params: dict) -> dict:
-            return {name: jax.tree.map(lambda _, n=name: n, params[name]) for name in MODULES}
-
-        return optax.multi_transform(transforms, labels)
 
     def policy(self, state: TrainState) -> Llama:
         return nnx.merge(self.actor_graphdef, state.model_params()["actor"])
