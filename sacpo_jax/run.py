@@ -236,23 +236,24 @@ class Run:
         if paths:
             with open(paths["results.md"]) as f:
                 print(f"\n[{stage.name}] results ({len(prompts)} prompts):\n{f.read()}")
-            with open(paths["usage.md"]) as f:
+            with open(paths["usage_by_model.md"]) as f:
                 print(f"[{stage.name}] what each model cost beyond the baseline:\n{f.read()}")
             print(f"[{stage.name}] wrote " + ", ".join(sorted(paths.values())))
         return None
 
     def write_usage(self, stage: EvaluateStage, directory: str) -> dict[str, str]:
-        """usage.json and usage.md: each evaluated model's wall time and generated tokens,
-        summed over the stages it was made from (those of the baseline left out)."""
+        """usage_by_model.json and .md: each evaluated model's wall time and generated
+        tokens, summed over the stages it was made from (those of the baseline left out)."""
         if jax.process_index() != 0:
             return {}
         sources = {s.name: s.sources() for s in self.stages}
         stages_dir = self.config.directory / "stages"
         cost = usage.lineage_usage(stage.models, sources, stages_dir, stage.baseline)
-        paths = {name: os.path.join(directory, name) for name in ("usage.json", "usage.md")}
-        with open(paths["usage.json"], "w") as f:
+        names = ("usage_by_model.json", "usage_by_model.md")
+        paths = {name: os.path.join(directory, name) for name in names}
+        with open(paths["usage_by_model.json"], "w") as f:
             json.dump(cost, f, indent=2)
-        with open(paths["usage.md"], "w") as f:
+        with open(paths["usage_by_model.md"], "w") as f:
             f.write(usage.usage_table_markdown(cost) + "\n")
         return paths
 

@@ -5,6 +5,7 @@ compilation whatever its value), and one-line errors for bad input before any co
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -245,3 +246,45 @@ def test_score_models_are_checked_before_any_compute(tmp_path, run, policy):
             run(spec, policy, models, context(tmp_path))
         assert message in str(error.value) and "\n" not in str(error.value)
         assert not (tmp_path / "stage").exists()  # nothing written, nothing computed
+
+
+# ----------------------------------------------------------------------------- recipes
+
+CONFIGS = Path(__file__).resolve().parent.parent / "configs"
+
+
+@pytest.mark.parametrize("name", ["safe_rlhf_ppo_lag_7b.yaml", "safe_rlhf_ppo_lag_7b_tpu.yaml"])
+def test_safe_rlhf_recipe_has_the_published_settings(name):
+    """safe-rlhf scripts/ppo-lag.sh (REFERENCE-NEXT §1), on 8 devices' worth of batches."""
+    config = load_config(str(CONFIGS / name))
+    stage = next(s for s in config.stages if s.kind == "ppo_lagrangian")
+    assert config.model.path == "PKU-Alignment/alpaca-7b-reproduced" and config.seed == 42
+    assert (stage.reward_model, stage.cost_model) == (
+        "PKU-Alignment/beaver-7b-v1.0-reward",
+        "PKU-Alignment/beaver-7b-v1.0-cost",
+    )
+    assert stage.reward_critic is None and stage.cost_critic is None  # from the RM and CM
+    r = stage.rollout
+    assert (r.temperature, r.top_p, stage.samples_per_prompt) == (1.0, 1.0, 1)
+    assert r.max_prompt_length + r.max_new_tokens == 512
+    assert r.prompts_per_round == stage.train.batch_size == 16 * 8
+    assert (stage.train.epochs, stage.update_epochs, stage.train.grad_accum) == (1, 1, 1)
+    t, c = stage.train, stage.critic_train
+    assert (t.learning_rate, t.weight_decay, t.warmup_ratio) == (1e-5, 0.01, 0.03)
+    assert (c.learning_rate, c.weight_decay, c.warmup_ratio, c.schedule) == (
+        5e-6, 0.0, 0.03, "constant",
+    )  # fmt: skip
+    assert t.adam_betas == c.adam_betas == (0.9, 0.95)
+    assert (stage.kl_coeff, stage.clip_range_ratio, stage.clip_range_value) == (0.01, 0.2, 5.0)
+    assert (stage.clip_range_score, stage.gamma, stage.gae_lambda) == (50.0, 1.0, 0.95)
+    lagrangian = (stage.threshold, stage.lambda_init, stage.lambda_lr, stage.lambda_max)
+    assert lagrangian == (0.0, 1.0, 0.1, 5.0) and stage.episode_cost_window == 128
+    assert config.model.compute_dtype == "bfloat16" and config.model.remat
+
+
+def test_tpu_recipe_differs_from_the_gpu_recipe_only_in_placement():
+    gpu = load_config(str(CONFIGS / "safe_rlhf_ppo_lag_7b.yaml"))
+    tpu = load_config(str(CONFIGS / "safe_rlhf_ppo_lag_7b_tpu.yaml"))
+    assert (gpu.mesh.fsdp, tpu.mesh.fsdp) == (8, -1) and tpu.run_dir.startswith("gs://")
+    placement = {"name", "run_dir", "mesh"}
+    assert gpu.model_dump(exclude=placement) == tpu.model_dump(exclude=placement)
