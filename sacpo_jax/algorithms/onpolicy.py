@@ -24,6 +24,7 @@ and lambda over the updates) and metrics.jsonl.
 
 from __future__ import annotations
 
+import abc
 import dataclasses
 import json
 import math
@@ -43,8 +44,8 @@ from sacpo_jax.algorithms.rollouts import (
     load_round,
     prompt_schedule,
     response_texts,
-    round_seed,
     sample_round,
+    sampling_seed,
     save_round,
     score_round,
     token_pass,
@@ -84,7 +85,7 @@ def policy_optimizer(train: OnPolicyTrain, total: int) -> optax.GradientTransfor
     )
 
 
-class OnPolicyRun:
+class OnPolicyRun(abc.ABC):
     """One on-policy stage. Subclasses give ``build_trainer`` (the trained state's
     modules and optimiser), ``policy`` (the policy of a state), ``token_pass`` (per-token
     columns of a round) and ``update_columns`` (a round's columns -> the update batches'
@@ -138,20 +139,23 @@ class OnPolicyRun:
 
     # -- subclass hooks ---------------------------------------------------------------
 
+    @abc.abstractmethod
     def build_trainer(self, models: dict[str, Llama]) -> tuple[Trainer, dict]:
         """(trainer of the update steps, parameters of the state's start)."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def policy(self, state: TrainState) -> Llama:
-        raise NotImplementedError
+        """The policy of a train state."""
 
+    @abc.abstractmethod
     def token_pass(
         self, state: TrainState, input_ids: jax.Array, attention_mask: jax.Array
     ) -> dict[str, jax.Array]:
-        raise NotImplementedError
+        """Per-token columns [b, T] of a batch of rollout sequences (log-probs, values)."""
 
+    @abc.abstractmethod
     def update_columns(self, columns: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        raise NotImplementedError
+        """A round's columns -> the columns its update batches take (lambda aside)."""
 
     # -- checks -----------------------------------------------------------------------
 
@@ -267,7 +271,7 @@ class OnPolicyRun:
             indices,
             stage.samples_per_prompt,
             stage.rollout,
-            seed=round_seed(ctx.seed, k, 0),
+            seed=sampling_seed(ctx.seed, k),
             mesh=ctx.mesh,
             between_batches=stop_if_asked,
         )

@@ -89,9 +89,9 @@ def pad_id(tokenizer: Any) -> int:
     return 0
 
 
-def round_seed(seed: int, round_index: int, purpose: int) -> int:
-    """A 31-bit seed for (run seed, round, purpose: 0 sampling, 1 minibatch order)."""
-    return int(np.random.SeedSequence([seed, round_index, purpose]).generate_state(1)[0] >> 1)
+def sampling_seed(seed: int, round_index: int) -> int:
+    """The 31-bit sampling seed of a round of a run with ``seed``."""
+    return int(np.random.SeedSequence([seed, round_index, 0]).generate_state(1)[0] >> 1)
 
 
 def _chunks(rows: int, batch_size: int) -> list[np.ndarray]:
