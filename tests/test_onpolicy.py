@@ -32,6 +32,7 @@ from sacpo_jax.models.llama import Llama, tiny_config
 from sacpo_jax.training.context import StageContext
 from sacpo_jax.training.loop import Trainer
 from sacpo_jax.training.objectives import Objective
+from sacpo_jax.training.optim import schedule_shape
 from sacpo_jax.training.state import split_model
 
 TOKENIZER = oracle_tokenizer()
@@ -187,6 +188,30 @@ def test_new_lambdas_never_recompile_the_update(build, policy):
     assert counter.count("jit(step)") == 1
     assert trainer.train_step.compiled._cache_size() == 1
     assert len(set(losses)) == 4  # lambda reached the loss each time
+
+
+def test_actor_and_critics_step_with_their_own_learning_rates(policy):
+    """Adam's first step moves each parameter by lr * |m / sqrt(v)| = lr (up to eps), so
+    the largest change of each module is its own learning rate (the critics' reach the
+    step as critic_lr / actor_lr in their optimiser). The critics' constant schedule is
+    a linear warmup, then flat."""
+    train = {"batch_size": 4, "learning_rate": 2e-3, "warmup_ratio": 0.0}
+    spec = stage_spec("ppo_lagrangian", train=train)
+    spec["critic_train"] = {"learning_rate": 5e-4, "warmup_ratio": 0.0}
+    stage = PpoLagrangianStage.model_validate(spec)
+    modules = ActorCritics(policy, with_score_head(policy, 0), with_score_head(policy, 1))
+    graphdef, params = split_model(modules)
+    objective = Objective(ppo_loss, PpoCoefficients(2e-3, 0.2, 5.0))
+    optimizer = actor_critic_optimizer(stage, 100)
+    trainer = Trainer(objective, graphdef, policy.config, optimizer, one_device_mesh())
+    before = jax.device_get(params)
+    state, _ = trainer.step(trainer.fresh_state(params), trainer.place(update_batch(1.0)))
+    after = jax.device_get(state.params)
+    for module, lr in (("actor", 2e-3), ("reward_critic", 5e-4), ("cost_critic", 5e-4)):
+        moved = jax.tree.map(lambda a, b: np.max(np.abs(a - b)), after[module], before[module])
+        assert max(jax.tree.leaves(moved)) == pytest.approx(lr, rel=1e-3), module
+    constant = schedule_shape(100, 0.1, "constant")
+    np.testing.assert_allclose([constant(s) for s in (0, 5, 10, 99)], [0.0, 0.5, 1.0, 1.0])
 
 
 # ----------------------------------------------------------------------------- bad input
