@@ -9,6 +9,7 @@ stages directly from that SFT model on one CPU device.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -26,6 +27,7 @@ from sacpo_jax.algorithms.ppo_lagrangian import PpoLagrangianRun
 from sacpo_jax.checkpoint import Preempted
 from sacpo_jax.config import GrpoLagrangianStage, PpoLagrangianStage
 from sacpo_jax.data.oracle_tokenizer import oracle_tokenizer
+from sacpo_jax.metrics_log import read_metrics
 from sacpo_jax.models import hf
 from sacpo_jax.models.fingerprint import params_fingerprint
 from sacpo_jax.training.context import StageContext
@@ -264,3 +266,35 @@ def test_sigterm_mid_rollout_then_mid_update_resumes_bit_identically(runs, unint
     got = read_json(tmp_path / "stage" / "rounds.json")
     assert got == read_json(os.path.join(expected.ctx.stage_dir, "rounds.json"))
     assert not rounds_dir.exists()  # removed with the checkpoints once finished
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kind", list(RUNS))
+def test_a_round_is_the_same_on_one_device_and_on_a_2x2x2_mesh(runs, tmp_path, kind):
+    """Sampling, scoring and the per-token pass split rows over the mesh's batch axes and
+    the update shards parameters: the first round's samples are the same token for token,
+    its per-token columns and the updates' losses agree to float32 rounding."""
+    meshes = {
+        "one": parallel.make_mesh(1, 1, 1, devices=parallel.jax.devices()[:1]),
+        "mesh": parallel.make_mesh(2, 2, 2),
+    }
+    rounds, losses = {}, {}
+    for name, mesh in meshes.items():
+        context = dataclasses.replace(direct_context(tmp_path / name), mesh=mesh)
+        start = hf.load_checkpoint(str(runs / "stages" / "sft" / "model"), mesh=mesh)
+        stage = direct_stage(kind, rounds=1)
+        stage = stage.model_copy(
+            update={
+                "train": stage.train.model_copy(update={"log_every": 1, "keep_checkpoints": True})
+            }
+        )
+        RUNS[kind](stage, start, {}, context).run()
+        with np.load(tmp_path / name / "stage" / "rounds" / "0.npz") as kept:
+            rounds[name] = {key: kept[key] for key in kept.files}
+        rows = read_metrics(str(tmp_path / name / "stage" / "metrics.jsonl"))
+        losses[name] = [row["loss"] for row in rows if "loss" in row]
+    for key in ("input_ids", "attention_mask", "response_mask", "rewards", "costs"):
+        np.testing.assert_array_equal(rounds["mesh"][key], rounds["one"][key])
+    np.testing.assert_allclose(rounds["mesh"]["old_logps"], rounds["one"]["old_logps"], atol=1e-4)
+    assert len(losses["one"]) == 4
+    np.testing.assert_allclose(losses["mesh"], losses["one"], rtol=1e-3, atol=1e-5)
