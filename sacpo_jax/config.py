@@ -254,13 +254,55 @@ class StageBase(Strict):
         return None
 
 
-class TrainedStage(StageBase):
-    """A stage that trains a model from ``start`` ("previous", an earlier stage, an HF
-    directory, or {base, adapter}: a PEFT adapter on a base) on ``data``, whose adapter
-    must make one of ``batch_kinds``. ``lora``: train LoRA adapters on the frozen start
-    (absent: full fine-tuning); the stage's result is the start with the adapters merged."""
+class StartedStage(StageBase):
+    """A stage that starts from a model: ``start`` is "previous", an earlier stage, an HF
+    directory, or {base, adapter}: a PEFT adapter on a base."""
 
     start: str | AdapterStart = "previous"
+
+    @field_validator("start", mode="before")
+    @classmethod
+    def _start(cls, start: Any) -> Any:
+        """A mapping is an {base, adapter} start (errors as one line, not per union member)."""
+        if not isinstance(start, dict):
+            return start
+        try:
+            return AdapterStart.model_validate(start)
+        except ValidationError as e:
+            first = e.errors()[0]
+            where = ".".join(str(p) for p in first["loc"])
+            raise ValueError(f"{where}: {first['msg'].removeprefix('Value error, ')}") from None
+
+    @property
+    def trains_full_model(self) -> bool:
+        """Every weight of the start is trained (no LoRA adapters)."""
+        return True
+
+    def start_sources(self) -> list[str]:
+        """The names the start reads: one model, or a base and an adapter directory."""
+        if isinstance(self.start, AdapterStart):
+            return [self.start.base, self.start.adapter]
+        return [self.start]
+
+    def sources(self) -> list[str]:
+        return self.start_sources()
+
+    def resolve(self, previous: str | None, earlier: list[StageBase]) -> StartedStage:
+        if self.start != "previous":
+            return self
+        if previous is None:
+            raise ValueError(
+                f"stage '{self.name}' follows a sweep: name its start explicitly (one of the "
+                "swept stages, e.g. start: NAME@beta=0.1)"
+            )
+        return self.model_copy(update={"start": previous})
+
+
+class TrainedStage(StartedStage):
+    """A stage that trains from its start on ``data``, whose adapter must make one of
+    ``batch_kinds``. ``lora``: train LoRA adapters on the frozen start (absent: full
+    fine-tuning); the stage's result is the start with the adapters merged."""
+
     train: TrainConfig = TrainConfig()
     data: DataSpec
     lora: LoraSpec | None = None
@@ -279,42 +321,14 @@ class TrainedStage(StageBase):
                 )
         return self
 
-    @field_validator("start", mode="before")
-    @classmethod
-    def _start(cls, start: Any) -> Any:
-        """A mapping is an {base, adapter} start (errors as one line, not per union member)."""
-        if not isinstance(start, dict):
-            return start
-        try:
-            return AdapterStart.model_validate(start)
-        except ValidationError as e:
-            first = e.errors()[0]
-            where = ".".join(str(p) for p in first["loc"])
-            raise ValueError(f"{where}: {first['msg'].removeprefix('Value error, ')}") from None
-
-    def start_sources(self) -> list[str]:
-        """The names the start reads: one model, or a base and an adapter directory."""
-        if isinstance(self.start, AdapterStart):
-            return [self.start.base, self.start.adapter]
-        return [self.start]
-
-    def sources(self) -> list[str]:
-        return self.start_sources()
+    @property
+    def trains_full_model(self) -> bool:
+        return self.lora is None
 
     @property
     def interleave_labels(self) -> bool:
         """Training batches alternate desirable and undesirable rows (KTO's "interleave")."""
         return False
-
-    def resolve(self, previous: str | None, earlier: list[StageBase]) -> TrainedStage:
-        if self.start != "previous":
-            return self
-        if previous is None:
-            raise ValueError(
-                f"stage '{self.name}' follows a sweep: name its start explicitly (one of the "
-                "swept stages, e.g. start: NAME@beta=0.1)"
-            )
-        return self.model_copy(update={"start": previous})
 
 
 class SupervisedStage(TrainedStage):
@@ -799,8 +813,163 @@ class CaidStage(TrainedStage):
         return stage.model_copy(update={"reward_beta": betas[0], "constraints": constraints})
 
 
+class RolloutSettings(Strict):
+    """How each round of an on-policy stage samples from the current policy (safe-rlhf
+    and TRL: temperature 1, top_p 1; generation stops at EOS).
+
+    ``prompts_per_round``: prompts answered per round (safe-rlhf: the per-device prompt
+    batch times the devices); prompts longer than ``max_prompt_length`` tokens are left
+    out (counted); ``batch_size``: rows per generation or scoring call; ``template`` as
+    ``EvalSettings.template``.
+    """
+
+    prompts_per_round: int = Field(64, gt=0)
+    max_new_tokens: int = Field(512, gt=0)
+    max_prompt_length: int = Field(128, gt=0)
+    temperature: float = Field(1.0, gt=0)
+    top_p: float = Field(1.0, gt=0, le=1)
+    template: str | None = "auto"
+    batch_size: int = Field(64, gt=0)
+
+
+class OnPolicyTrain(TrainConfig):
+    """The policy's optimisation in an on-policy stage: ``batch_size`` responses per
+    update, ``epochs`` passes over the prompts (unless the stage sets ``rounds``);
+    ``adam_betas`` (safe-rlhf: 0.9, 0.95)."""
+
+    adam_betas: tuple[float, float] = (0.9, 0.999)
+
+    @model_validator(mode="after")
+    def _counted_in_rounds(self) -> OnPolicyTrain:
+        if self.max_steps is not None or self.eval_every is not None:
+            raise ValueError(
+                "max_steps and eval_every do not apply to on-policy stages: set the stage's "
+                "rounds (each round samples, then updates)"
+            )
+        return self
+
+
+class CriticTrain(Strict):
+    """The critics' optimisation (safe-rlhf: lr 5e-6, no weight decay, constant after a
+    3% warmup, Adam betas 0.9, 0.95); batches follow the policy's."""
+
+    learning_rate: float = Field(5e-6, gt=0)
+    warmup_ratio: float = Field(0.03, ge=0, lt=1)
+    weight_decay: float = Field(0.0, ge=0)
+    max_grad_norm: float = Field(1.0, ge=0)
+    schedule: Literal["constant", "cosine"] = "constant"
+    adam_betas: tuple[float, float] = (0.9, 0.999)
+
+
+class OnPolicyStage(StartedStage):
+    """An on-policy Lagrangian stage: rounds of sampling from the current policy, scoring
+    and clipped policy updates, under E[cost] <= ``threshold`` with safe-rlhf's multiplier
+    (``sacpo_jax.algorithms.lagrangian``: ``lambda_init``, ``lambda_lr``, ``lambda_max``,
+    ``episode_cost_window``; lambda_init 0 keeps lambda at 0: unconstrained).
+
+    ``reward_model`` / ``cost_model``: score models (a stage, an HF directory or hub id,
+    e.g. PKU-Alignment/beaver-7b-v1.0-reward / -cost) or ``oracle`` (the bundled task's
+    reward and cost). ``prompts``: the training prompts, visited in a seeded order.
+    ``rounds``: default ``train.epochs`` passes over the prompts. ``update_epochs``: passes
+    over each round's samples (PPO epochs). The reference is the frozen start model.
+    """
+
+    train: OnPolicyTrain = OnPolicyTrain()
+    prompts: PromptSet
+    reward_model: str
+    cost_model: str
+    rollout: RolloutSettings = RolloutSettings()
+    rounds: int | None = Field(None, gt=0)
+    update_epochs: int = Field(1, gt=0)
+    threshold: float = 0.0
+    lambda_init: float = Field(1.0, ge=0)
+    lambda_lr: float = Field(0.1, ge=0)
+    lambda_max: float | None = Field(5.0, gt=0)
+    episode_cost_window: int = Field(128, gt=0)
+
+    @property
+    def samples_per_prompt(self) -> int:
+        return 1
+
+    @property
+    def rows_per_round(self) -> int:
+        return self.rollout.prompts_per_round * self.samples_per_prompt
+
+    @model_validator(mode="after")
+    def _consistent(self) -> OnPolicyStage:
+        if self.lambda_max is not None and self.lambda_max < self.lambda_init:
+            raise ValueError(
+                f"lambda_max {self.lambda_max} is below lambda_init {self.lambda_init}"
+            )
+        if self.rows_per_round % self.train.batch_size:
+            raise ValueError(
+                f"train.batch_size {self.train.batch_size} does not divide the "
+                f"{self.rows_per_round} responses of a round"
+            )
+        return self
+
+    @property
+    def score_models(self) -> list[str]:
+        """The reward and cost models, in that order."""
+        return [self.reward_model, self.cost_model]
+
+    def sources(self) -> list[str]:
+        return self.start_sources() + self.named_models()
+
+    def named_models(self) -> list[str]:
+        """The models the stage reads besides its start (score models that are not the
+        oracle; the PPO critics' starts)."""
+        return [m for m in self.score_models if m != ORACLE]
+
+    def prompt_set(self) -> tuple[PromptSet, bool]:
+        return self.prompts, ORACLE in self.score_models
+
+
+class PpoLagrangianStage(OnPolicyStage):
+    """Safe RLHF's PPO-Lagrangian (REFERENCE-NEXT §1; safe-rlhf's argument names): a KL
+    penalty to the reference (``kl_coeff``) shaped into the per-token reward and cost,
+    reward and cost critics (value heads, from ``reward_critic`` / ``cost_critic`` or by
+    default the reward / cost model; the policy's backbone with a zero head for the
+    oracle), GAE (``gamma``, ``gae_lambda``), the clipped actor loss on
+    (A_r - lam A_c) / (1 + lam) and clipped critic losses; scores clipped to
+    +-``clip_range_score``. ``critic_train``: the critics' optimiser."""
+
+    kind: Literal["ppo_lagrangian"]
+    kl_coeff: float = Field(0.02, ge=0)
+    clip_range_ratio: float = Field(0.2, gt=0)
+    clip_range_value: float = Field(5.0, gt=0)
+    clip_range_score: float = Field(50.0, gt=0)
+    gamma: float = Field(1.0, ge=0, le=1)
+    gae_lambda: float = Field(0.95, ge=0, le=1)
+    reward_critic: str | None = None
+    cost_critic: str | None = None
+    critic_train: CriticTrain = CriticTrain()
+
+    def named_models(self) -> list[str]:
+        critics = [c for c in (self.reward_critic, self.cost_critic) if c is not None]
+        return super().named_models() + critics
+
+
+class GrpoLagrangianStage(OnPolicyStage):
+    """A critic-free Lagrangian: ``group_size`` samples per prompt, reward and cost each
+    standardised within the group (TRL's GRPO advantage), combined as
+    (Z_r - lam Z_c) / (1 + lam), GRPO's clipped objective (``epsilon``, ``epsilon_high``:
+    default epsilon) with ``beta`` times the k3 KL estimate to the reference per token."""
+
+    kind: Literal["grpo_lagrangian"]
+    group_size: int = Field(8, gt=1)
+    beta: float = Field(0.04, ge=0)
+    epsilon: float = Field(0.2, gt=0, lt=1)
+    epsilon_high: float | None = Field(None, gt=0)
+
+    @property
+    def samples_per_prompt(self) -> int:
+        return self.group_size
+
+
 STAGE_TYPES = (SftStage, DpoStage, KtoStage, RewardStage, CostStage, MergeStage, EvaluateStage)
 STAGE_TYPES += (CaidStage, SafeDpoStage, SimpoStage, OrpoStage)
+STAGE_TYPES += (PpoLagrangianStage, GrpoLagrangianStage)
 Stage = Annotated[
     SftStage
     | DpoStage
@@ -812,7 +981,9 @@ Stage = Annotated[
     | CostStage
     | MergeStage
     | EvaluateStage
-    | CaidStage,
+    | CaidStage
+    | PpoLagrangianStage
+    | GrpoLagrangianStage,
     Field(discriminator="kind"),
 ]
 _STAGE_BY_KIND = {cls.model_fields["kind"].annotation.__args__[0]: cls for cls in STAGE_TYPES}
@@ -875,7 +1046,7 @@ class RunConfig(Strict):
             raise ValueError("tokenizer.path is needed when the model is random")
         if self.model.quantize is not None:
             for stage in self.stages:
-                if isinstance(stage, TrainedStage) and stage.lora is None:
+                if isinstance(stage, StartedStage) and stage.trains_full_model:
                     raise ValueError(
                         f"model.quantize is {self.model.quantize}, but stage '{stage.name}' "
                         "trains the full model: a quantized base is frozen; give the stage "

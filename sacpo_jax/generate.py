@@ -43,6 +43,7 @@ from sacpo_jax.models.llama import (
     rms_norm,
     run_layers,
 )
+from sacpo_jax.usage import add_generated_tokens
 
 # Stop strings of the SACPO paper's evaluation (Wachi et al., 2024, appendix).
 SACPO_STOP_STRINGS = (
@@ -575,6 +576,7 @@ def generate(
         )
         tokens = parallel.to_host(out.tokens)
         emitted = parallel.to_host(out.mask).astype(bool)
+        add_generated_tokens(emitted[: len(chunk)].sum())
         for row, prompt_index in enumerate(chunk):
             text = tokenizer.decode(tokens[row][emitted[row]].tolist(), skip_special_tokens=True)
             texts[prompt_index] = cut_at_stop(text, stop_strings)

@@ -17,14 +17,17 @@ from __future__ import annotations
 
 import json
 import os
+import time
 from collections.abc import Callable
 from pathlib import Path
 
 import jax
 
-from sacpo_jax import checkpoint, parallel
+from sacpo_jax import checkpoint, parallel, usage
 from sacpo_jax.algorithms.caid import run_caid
+from sacpo_jax.algorithms.grpo_lagrangian import run_grpo_lagrangian
 from sacpo_jax.algorithms.merge import merge_models, two_model_weights
+from sacpo_jax.algorithms.ppo_lagrangian import run_ppo_lagrangian
 from sacpo_jax.checkpoint import Preempted, PreemptionGuard
 from sacpo_jax.config import (
     INITIAL,
@@ -32,7 +35,10 @@ from sacpo_jax.config import (
     CaidStage,
     ConfigError,
     EvaluateStage,
+    GrpoLagrangianStage,
     MergeStage,
+    OnPolicyStage,
+    PpoLagrangianStage,
     RunConfig,
     StageBase,
     SupervisedStage,
@@ -141,7 +147,15 @@ class Run:
 
     def __call__(self, stage: StageBase, store: ModelStore) -> Llama | None:
         executor = next(EXECUTORS[cls] for cls in type(stage).__mro__ if cls in EXECUTORS)
-        result = executor(self, stage, store)
+        stage_dir = self.context(stage).stage_dir
+        done_before = checkpoint.is_finished(stage_dir) is not None
+        started, tokens = time.perf_counter(), usage.generated_tokens()
+        try:
+            result = executor(self, stage, store)
+        finally:  # a preempted stage's share counts too: a rerun adds the rest
+            if not done_before and jax.process_index() == 0:
+                elapsed = time.perf_counter() - started
+                usage.add_usage(stage_dir, elapsed, usage.generated_tokens() - tokens)
         self.finished += 1
         if self.finished < len(self.stages) and self.guard.should_stop(self.finished):
             raise Preempted(
@@ -158,6 +172,20 @@ class Run:
         """CAID from the stage's start (pi_ref), scored by the models it names."""
         scorers = {n: store.get(n, stage.name) for n in stage.models if n != ORACLE}
         return run_caid(stage, store.start_of(stage), scorers, self.context(stage))
+
+    def on_policy_models(self, stage: OnPolicyStage, store: ModelStore) -> dict[str, Llama]:
+        """The score models (and critics' starts) an on-policy stage names, by name."""
+        return {name: store.get(name, stage.name) for name in stage.named_models()}
+
+    def ppo_lagrangian(self, stage: PpoLagrangianStage, store: ModelStore) -> Llama:
+        start = store.start_of(stage)
+        models = self.on_policy_models(stage, store)
+        return run_ppo_lagrangian(stage, start, models, self.context(stage))
+
+    def grpo_lagrangian(self, stage: GrpoLagrangianStage, store: ModelStore) -> Llama:
+        start = store.start_of(stage)
+        models = self.on_policy_models(stage, store)
+        return run_grpo_lagrangian(stage, start, models, self.context(stage))
 
     def merge(self, stage: MergeStage, store: ModelStore) -> Llama:
         ctx = self.context(stage)
@@ -212,17 +240,38 @@ class Run:
         paths = write_report(
             results, samples, ctx.stage_dir, series=sweep_series(self.stages), training_logs=logs
         )
+        paths.update(self.write_usage(stage, ctx.stage_dir))
         checkpoint.mark_finished(ctx.stage_dir, {"models": list(models)})
         if paths:
             with open(paths["results.md"]) as f:
                 print(f"\n[{stage.name}] results ({len(prompts)} prompts):\n{f.read()}")
+            with open(paths["usage_by_model.md"]) as f:
+                print(f"[{stage.name}] what each model cost beyond the baseline:\n{f.read()}")
             print(f"[{stage.name}] wrote " + ", ".join(sorted(paths.values())))
         return None
+
+    def write_usage(self, stage: EvaluateStage, directory: str) -> dict[str, str]:
+        """usage_by_model.json and .md: each evaluated model's wall time and generated
+        tokens, summed over the stages it was made from (those of the baseline left out)."""
+        if jax.process_index() != 0:
+            return {}
+        sources = {s.name: s.sources() for s in self.stages}
+        stages_dir = self.config.directory / "stages"
+        cost = usage.lineage_usage(stage.models, sources, stages_dir, stage.baseline)
+        names = ("usage_by_model.json", "usage_by_model.md")
+        paths = {name: os.path.join(directory, name) for name in names}
+        with open(paths["usage_by_model.json"], "w") as f:
+            json.dump(cost, f, indent=2)
+        with open(paths["usage_by_model.md"], "w") as f:
+            f.write(usage.usage_table_markdown(cost) + "\n")
+        return paths
 
 
 EXECUTORS: dict[type, Callable[[Run, StageBase, ModelStore], Llama | None]] = {
     SupervisedStage: Run.train,
     CaidStage: Run.caid,
+    PpoLagrangianStage: Run.ppo_lagrangian,
+    GrpoLagrangianStage: Run.grpo_lagrangian,
     MergeStage: Run.merge,
     EvaluateStage: Run.evaluate,
 }

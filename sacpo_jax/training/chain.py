@@ -24,7 +24,14 @@ import os
 from collections.abc import Callable
 from typing import Any
 
-from sacpo_jax.config import INITIAL, MergeStage, ReferencedStage, StageBase, TrainedStage
+from sacpo_jax.config import (
+    INITIAL,
+    MergeStage,
+    ReferencedStage,
+    StageBase,
+    StartedStage,
+    TrainedStage,
+)
 from sacpo_jax.errors import SacpoError
 from sacpo_jax.models import hf, peft_io, transforms
 from sacpo_jax.models.llama import Llama
@@ -92,7 +99,7 @@ class ModelStore:
     def names(self) -> list[str]:
         return list(self._models)
 
-    def start_of(self, stage: TrainedStage) -> Llama:
+    def start_of(self, stage: StartedStage) -> Llama:
         """A training stage's start: a model by name, or a base with a PEFT adapter merged
         in (quantised again when the base is)."""
         if isinstance(stage.start, str):

@@ -202,9 +202,12 @@ class TrainingLoop:
         offset: int = 0,
         meta: Callable[[int], dict] | None = None,
         description: str | None = None,
+        progress: tqdm | None = None,
     ) -> TrainState:
         """Steps ``first .. total - 1`` over ``batches`` (``(local step, batch)`` pairs);
-        ``meta(done)`` is what each checkpoint records (default ``{"step": done}``)."""
+        ``meta(done)`` is what each checkpoint records (default ``{"step": done}``).
+        ``progress``: a bar from ``progress_bar`` that the caller owns and closes (an outer
+        loop that runs the steps in several calls, e.g. once per round of samples)."""
         meta = meta or (lambda done: {"step": done})
         flops_of = functools.partial(
             flops.batch_flops,
@@ -212,13 +215,9 @@ class TrainingLoop:
             reference_forward=self.trainer.reference is not None,
         )
         meter = ThroughputMeter(first, flops_of)
-        progress = tqdm(
-            total=total,
-            initial=first,
-            desc=description or self.name,
-            dynamic_ncols=True,
-            disable=not self.ctx.progress_bar or jax.process_index() != 0,
-        )
+        own_progress = progress is None
+        if own_progress:
+            progress = self.progress_bar(first, total, description)
         schedule = schedule_shape(total, self.train.warmup_ratio)
         with self.ctx.preemption as guard:
             for index, batch in batches:
@@ -241,8 +240,19 @@ class TrainingLoop:
                     )
                 if will_save:
                     self.save(step, state, meta(done))
-        progress.close()
+        if own_progress:
+            progress.close()
         return state
+
+    def progress_bar(self, first: int, total: int, description: str | None = None) -> tqdm:
+        """The bar of steps ``first .. total`` (shown on process 0 when progress bars are on)."""
+        return tqdm(
+            total=total,
+            initial=first,
+            desc=description or self.name,
+            dynamic_ncols=True,
+            disable=not self.ctx.progress_bar or jax.process_index() != 0,
+        )
 
     def save(self, step: int, state: TrainState, meta: dict, *, force: bool = False) -> None:
         """A checkpoint of the trainable state, only of finite parameters: a non-finite one

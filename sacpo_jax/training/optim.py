@@ -15,9 +15,12 @@ import optax
 from sacpo_jax.config import TrainConfig
 
 
-def schedule_shape(total_steps: int, warmup_ratio: float) -> optax.Schedule:
-    """Linear warmup from 0 to 1 over warmup_ratio * total_steps, then cosine to 0."""
+def schedule_shape(total_steps: int, warmup_ratio: float, kind: str = "cosine") -> optax.Schedule:
+    """Linear warmup from 0 to 1 over warmup_ratio * total_steps, then cosine to 0
+    (``kind`` "cosine") or 1 to the end ("constant")."""
     warmup = int(round(warmup_ratio * total_steps))
+    if kind == "constant":
+        return optax.linear_schedule(0.0, 1.0, warmup) if warmup else optax.constant_schedule(1.0)
     return optax.warmup_cosine_decay_schedule(
         init_value=0.0,
         peak_value=1.0,
@@ -37,6 +40,7 @@ def make_optimizer(
     b2: float = 0.999,
     eps: float = 1e-8,
     moments_dtype: str | None = None,
+    schedule: str = "cosine",
 ) -> optax.GradientTransformation:
     """AdamW direction times the schedule shape; the step multiplies by -learning_rate."""
     parts = [optax.clip_by_global_norm(max_grad_norm)] if max_grad_norm > 0 else []
@@ -44,7 +48,7 @@ def make_optimizer(
     parts += [in_dtype(adam, moments_dtype) if moments_dtype else adam]
     if weight_decay:
         parts.append(optax.add_decayed_weights(weight_decay))
-    parts.append(optax.scale_by_schedule(schedule_shape(total_steps, warmup_ratio)))
+    parts.append(optax.scale_by_schedule(schedule_shape(total_steps, warmup_ratio, schedule)))
     return optax.chain(*parts)
 
 
