@@ -34,6 +34,7 @@ setup(
     extras_require={
         "test": [
             "pytest",
+            "pytest-xdist",  # the README's test command runs two workers
             "ruff",
             "import-linter",
             "sentencepiece",
