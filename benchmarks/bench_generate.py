@@ -2,7 +2,9 @@
 
 Run by hand: ``python benchmarks/bench_generate.py [--batch B --prompt-len P
 --new-tokens T]``. Both sides are one compiled program with greedy decoding and no
-early stop, timed after a warm-up call (best of ``--repeats``). The baseline keeps a
+early stop, timed after a warm-up call, the two interleaved (A B A B ...) over
+``--repeats`` calls each, medians quoted; load average printed before and after (run it
+on a quiet machine). The baseline keeps a
 fixed [batch, prompt + new] buffer (left-padded prompt, then the new tokens) and runs
 the full uncached forward over it for every new token, reading the logits at the last
 filled slot; a growing buffer would recompile at every length. Both must emit the
@@ -13,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import functools
+import os
 import time
 
 import jax
@@ -56,14 +59,16 @@ def recompute_greedy(graphdef, state, input_ids, attention_mask, max_new_tokens:
     return ids[:, prompt_len:]
 
 
-def best_seconds(run, repeats: int) -> float:
-    """Fastest wall time of ``run()`` (blocked until ready) over ``repeats`` calls."""
-    times = []
+def interleaved_median_seconds(runs, repeats: int) -> list[float]:
+    """Median wall time of each of ``runs`` (blocked until ready), called in turn
+    (A B A B ...) ``repeats`` times."""
+    times = [[] for _ in runs]
     for _ in range(repeats):
-        start = time.perf_counter()
-        jax.block_until_ready(run())
-        times.append(time.perf_counter() - start)
-    return min(times)
+        for run, kept in zip(runs, times):
+            start = time.perf_counter()
+            jax.block_until_ready(run())
+            kept.append(time.perf_counter() - start)
+    return [float(np.median(kept)) for kept in times]
 
 
 def main() -> None:
@@ -71,7 +76,7 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--prompt-len", type=int, default=128)
     parser.add_argument("--new-tokens", type=int, default=128)
-    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args()
 
     config = tiny_config(**CONFIG)
@@ -89,10 +94,11 @@ def main() -> None:
     def recompute():
         return recompute_greedy(graphdef, state, ids, mask, max_new_tokens=new)
 
+    print(f"load average before: {os.getloadavg()}")
     np.testing.assert_array_equal(np.asarray(cached()), np.asarray(recompute()))
     produced = args.batch * new
-    cached_s = best_seconds(cached, args.repeats)
-    recompute_s = best_seconds(recompute, args.repeats)
+    cached_s, recompute_s = interleaved_median_seconds((cached, recompute), args.repeats)
+    print(f"load average after: {os.getloadavg()}")
     print(f"device: {jax.devices()[0].device_kind} x{len(jax.devices())}")
     print(f"config: {CONFIG}")
     print(f"batch {args.batch}, prompt bucket {args.prompt_len}, {new} new tokens, greedy")
