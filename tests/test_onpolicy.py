@@ -240,6 +240,25 @@ def test_config_errors_are_one_line(tmp_path, kind, overrides, message):
     assert message in str(error.value) and "\n" not in str(error.value)
 
 
+@pytest.mark.parametrize("kind", ["ppo_lagrangian", "grpo_lagrangian"])
+def test_a_quantized_base_or_a_lora_block_is_refused_in_one_line(tmp_path, kind):
+    """On-policy stages train the whole policy: a frozen quantized base cannot start one,
+    and a ``lora`` block is not accepted (LoRA is not wired into these stages)."""
+    path = tmp_path / "c.yaml"
+    model = {"random": {}, "quantize": "nf4"}
+    config = {"model": model, "tokenizer": {"path": "bundled:oracle"}}
+    path.write_text(json.dumps({**config, "stages": [stage_spec(kind)]}))
+    with pytest.raises(ConfigError) as error:
+        load_config(str(path))
+    assert f"stage '{kind}' trains the full model" in str(error.value)
+    assert "\n" not in str(error.value)
+    config["model"] = {"random": {}}
+    path.write_text(json.dumps({**config, "stages": [{**stage_spec(kind), "lora": {}}]}))
+    with pytest.raises(ConfigError) as error:
+        load_config(str(path))
+    assert "lora" in str(error.value) and "\n" not in str(error.value)
+
+
 def context(tmp_path) -> StageContext:
     return StageContext(
         mesh=one_device_mesh(),
