@@ -15,6 +15,7 @@ import peft
 import pytest
 import torch
 import transformers
+from fixtures_lora import random_adapters
 from fixtures_models import save_causal_lm, torch_logits
 
 from sacpo_jax import parallel
@@ -23,7 +24,7 @@ from sacpo_jax.data.oracle_tokenizer import oracle_tokenizer
 from sacpo_jax.metrics_log import read_metrics
 from sacpo_jax.models import hf, llama, lora, peft_io, transforms
 from sacpo_jax.models.init import init_model
-from sacpo_jax.models.llama import LlamaConfig
+from sacpo_jax.models.llama import LlamaConfig, tiny_config
 from sacpo_jax.models.lora import LoraConfig
 from sacpo_jax.models.safetensors_io import SafetensorsReader
 from sacpo_jax.training import objectives
@@ -121,20 +122,6 @@ def test_lora_forward_matches_peft(base_dir, tmp_path, targets, rslora):
     logits = np.asarray(ours(jnp.asarray(ids), jnp.asarray(mask)))
     real = mask.astype(bool)
     np.testing.assert_allclose(logits[real], expected[real], rtol=0, atol=1e-4)
-
-
-def random_adapters(model, config: LoraConfig, seed: int = 3):
-    """``model`` with adapters whose A and B are both random (a trained-looking adapter)."""
-    shapes = llama.projection_shapes(model.config)
-    rng = np.random.default_rng(seed)
-    weights = {}
-    for name in config.targets:
-        inputs, outputs = shapes[name]
-        a_name, b_name = lora.adapter_names(name)
-        layers = model.config.num_hidden_layers
-        weights[a_name] = 0.2 * rng.standard_normal((layers, *inputs, config.rank))
-        weights[b_name] = 0.2 * rng.standard_normal((layers, config.rank, *outputs))
-    return transforms.with_adapter_weights(model, config, weights)
 
 
 def test_our_adapter_loads_in_peft_with_the_logits_of_our_merged_export(base_dir, tmp_path):
@@ -297,16 +284,7 @@ def test_quantize_needs_lora_on_every_training_stage(tmp_path):
 
 
 def tiny(**overrides) -> LlamaConfig:
-    base = dict(
-        vocab_size=len(TOKENIZER),
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        head_dim=16,
-    )
-    return LlamaConfig(**{**base, **overrides})
+    return tiny_config(vocab_size=len(TOKENIZER), **overrides)
 
 
 def one_device():

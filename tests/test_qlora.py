@@ -7,15 +7,16 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 import numpy as np
+from fixtures_lora import random_adapters
 from fixtures_models import save_causal_lm
 from flax import nnx
 from jax.sharding import PartitionSpec
 
 from sacpo_jax import parallel
 from sacpo_jax.data.oracle_tokenizer import oracle_tokenizer
-from sacpo_jax.models import hf, llama, lora, quant, transforms
+from sacpo_jax.models import hf, lora, quant, transforms
 from sacpo_jax.models.init import init_model
-from sacpo_jax.models.llama import LlamaConfig
+from sacpo_jax.models.llama import LlamaConfig, tiny_config
 from sacpo_jax.models.lora import LoraConfig
 from sacpo_jax.training import objectives
 from sacpo_jax.training.loop import Trainer
@@ -87,11 +88,7 @@ def test_quantization_error_is_at_most_half_a_code_gap():
 
 
 def tiny(**overrides) -> LlamaConfig:
-    base = dict(
-        vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, head_dim=16,
-    )  # fmt: skip
-    return LlamaConfig(**{**base, **overrides})
+    return tiny_config(vocab_size=VOCAB, **overrides)
 
 
 def one_device():
@@ -116,19 +113,6 @@ def test_quantised_forward_is_the_dequantised_model_and_near_the_bf16_one():
             logits, np.asarray(forward(transforms.merged(quantized), ids))
         )
         assert np.linalg.norm(logits - dense) / np.linalg.norm(dense) < bound, kind
-
-
-def random_adapters(model, config: LoraConfig, seed: int = 3):
-    shapes = llama.projection_shapes(model.config)
-    rng = np.random.default_rng(seed)
-    weights = {}
-    for name in config.targets:
-        inputs, outputs = shapes[name]
-        a_name, b_name = lora.adapter_names(name)
-        layers = model.config.num_hidden_layers
-        weights[a_name] = 0.2 * rng.standard_normal((layers, *inputs, config.rank))
-        weights[b_name] = 0.2 * rng.standard_normal((layers, config.rank, *outputs))
-    return transforms.with_adapter_weights(model, config, weights)
 
 
 def sft_batch(seed: int, rows: int = 8, length: int = 16) -> dict:
