@@ -423,12 +423,25 @@ def test_a_full_disk_is_one_line_and_keeps_the_last_checkpoint(tmp_path, capsys,
     def full(*args, **kwargs):
         raise OSError(errno.ENOSPC, "No space left on device", str(tmp_path / "run/x"))
 
+    closed = []
+    close = checkpoint.StageCheckpointer.close
+
+    def recorded_close(self):
+        close(self)
+        closed.append(self.directory)
+
     with monkeypatch.context() as patch:
         patch.setattr(hf, "save_checkpoint", full)
+        patch.setattr(checkpoint.StageCheckpointer, "close", recorded_close)
         code, err, _ = run_cli(chain(tmp_path / "run"), capsys)
     assert code == 2
     assert err == [f"error: {tmp_path / 'run/x'}: No space left on device (the last complete "
                    "checkpoint is kept)"]  # fmt: skip
+    # The stage's final save, started before the export failed, was waited for (closed) and
+    # is complete on disk: no write is still under way when the stage is rerun.
+    checkpoints = tmp_path / "run/stages/sft/checkpoints"
+    assert closed == [checkpoints]
+    assert leftovers(tmp_path / "run") == [] and (checkpoints / "4").is_dir()
     # Space again: the rerun finishes from what was saved (SFT's final checkpoint).
     code, _, out = run_cli(chain(tmp_path / "run"), capsys)
     assert code == 0 and "[sft] done" in out and leftovers(tmp_path / "run") == []

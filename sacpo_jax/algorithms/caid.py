@@ -314,20 +314,21 @@ class CaidRun:
     # -- loop -------------------------------------------------------------------------
 
     def run(self) -> Llama:
-        state, first, first_step, history = self.init_or_restore()
-        total = self.stage.iterations
-        for t in range(first, total + 1):
-            if len(history) == t:
-                history.append(self.dual_step(t, self.policy(state), history))
-            if t == total:
-                break
-            lam = np.asarray(history[t]["lambda"])
-            state = self.policy_step(t, lam, state, first_step if t == first else 0, history)
-            self.export_iterate(t + 1, self.policy(state))
-            step = (t + 1) * self.steps_per_iteration
-            meta = {"iteration": t + 1, "local_step": 0, "history": history}
-            self.loop.save(step, state, meta, force=True)
-        return self.finish(history)
+        with self.loop:
+            state, first, first_step, history = self.init_or_restore()
+            total = self.stage.iterations
+            for t in range(first, total + 1):
+                if len(history) == t:
+                    history.append(self.dual_step(t, self.policy(state), history))
+                if t == total:
+                    break
+                lam = np.asarray(history[t]["lambda"])
+                state = self.policy_step(t, lam, state, first_step if t == first else 0, history)
+                self.export_iterate(t + 1, self.policy(state))
+                step = (t + 1) * self.steps_per_iteration
+                meta = {"iteration": t + 1, "local_step": 0, "history": history}
+                self.loop.save(step, state, meta, force=True)
+            return self.finish(history)
 
     def export_iterate(self, t: int, policy: Llama) -> None:
         """``iterates/<t>/`` (the merged model) and, with LoRA, ``adapters/<t>/``."""

@@ -195,17 +195,20 @@ class OnPolicyRun(abc.ABC):
     # -- the rounds -------------------------------------------------------------------
 
     def run(self) -> Llama:
-        with self.ctx.preemption as guard:
-            state, done, history = self.init_or_restore()
-            progress = self.loop.progress_bar(done, self.total)
-            try:
-                per_round = self.updates_per_round
-                for k in range(done // per_round, self.rounds):
-                    state = self.run_round(k, done - k * per_round, state, history, guard, progress)
-                    done = (k + 1) * per_round
-            finally:
-                progress.close()
-        return self.finish(state, history)
+        with self.loop:
+            with self.ctx.preemption as guard:
+                state, done, history = self.init_or_restore()
+                progress = self.loop.progress_bar(done, self.total)
+                try:
+                    per_round = self.updates_per_round
+                    for k in range(done // per_round, self.rounds):
+                        state = self.run_round(
+                            k, done - k * per_round, state, history, guard, progress
+                        )
+                        done = (k + 1) * per_round
+                finally:
+                    progress.close()
+            return self.finish(state, history)
 
     def init_or_restore(self) -> tuple[TrainState, int, list[dict]]:
         """(state, updates done, per-round history): fresh, or the latest checkpoint."""
@@ -257,7 +260,6 @@ class OnPolicyRun(abc.ABC):
             if guard.should_stop(step):
                 meta = {"step": step, "multiplier": self.multiplier.to_meta(), "history": history}
                 self.loop.save(step, state, meta, force=True)
-                self.loop.checkpointer.close()
                 raise checkpoint.Preempted(
                     f"[{stage.name}] stopped while sampling round {k + 1} (preemption or "
                     "Ctrl-C): saved; rerun the same command to resume"

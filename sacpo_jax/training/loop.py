@@ -182,6 +182,9 @@ class TrainingLoop:
     """The loop of one stage (or one CAID stage's policy steps) around a ``Trainer``.
 
     ``evaluate(params) -> metrics`` runs every ``train.eval_every`` steps when given.
+    Use it as a context manager: leaving the block, normally or by an error, waits for the
+    pending checkpoint save and closes the logs, so that no save is still being written
+    when the stage is rerun (in this process or the next).
     """
 
     name: str
@@ -191,6 +194,13 @@ class TrainingLoop:
     checkpointer: checkpoint.StageCheckpointer
     logger: MetricsLogger
     evaluate: Callable[[dict], dict[str, float]] | None = None
+
+    def __enter__(self) -> TrainingLoop:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.checkpointer.close()
+        self.logger.close()
 
     def run(
         self,
@@ -233,7 +243,6 @@ class TrainingLoop:
                 if guard.should_stop(step):
                     progress.close()
                     self.save(step, state, meta(done), force=True)
-                    self.checkpointer.close()
                     raise checkpoint.Preempted(
                         f"[{self.name}] stopped at step {step} (preemption or Ctrl-C): saved; "
                         "rerun the same command to resume"
@@ -258,7 +267,7 @@ class TrainingLoop:
         """A checkpoint of the trainable state, only of finite parameters: a non-finite one
         stops the stage and leaves the last good checkpoint as the one to resume from."""
         if not bool(all_finite(state.params)):
-            self.checkpointer.close()
+            self.checkpointer.wait()  # the message names the last complete save
             raise TrainingError(
                 f"[{self.name}] parameters are not finite at step {step}: stopped without "
                 f"saving; the last good checkpoint (step {self.checkpointer.latest_step()}) is "
@@ -272,7 +281,7 @@ class TrainingLoop:
         metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
         if not math.isfinite(metrics["loss"]):
             progress.close()
-            self.checkpointer.close()
+            self.checkpointer.wait()  # the message names the last complete save
             raise TrainingError(
                 f"[{self.name}] loss is {metrics['loss']} at step {step}: stopped; the last "
                 f"good checkpoint (step {self.checkpointer.latest_step()}) is in "

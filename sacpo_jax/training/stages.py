@@ -181,8 +181,9 @@ def run_training_stage(
         state, meta = trainer.restore(loop.checkpointer, latest, params)
         first = int(meta["step"])
     del params  # the state holds the trained copy now
-    state = loop.run(state, loader.iterate(first, total - first), first=first, total=total)
-    return finish(loop, state, total)
+    with loop:
+        state = loop.run(state, loader.iterate(first, total - first), first=first, total=total)
+        return finish(loop, state, total)
 
 
 def report_skipped(loop: TrainingLoop, skipped: dict[str, int]) -> None:
