@@ -872,9 +872,12 @@ class OnPolicyStage(StartedStage):
     reward and cost). ``prompts``: the training prompts, visited in a seeded order.
     ``rounds``: default ``train.epochs`` passes over the prompts. ``update_epochs``: passes
     over each round's samples (PPO epochs). The reference is the frozen start model.
+    ``lora``: train LoRA adapters (and, for PPO, the critics' adapters and heads) on frozen
+    starts; the reference reads the policy's frozen base; absent: full fine-tuning.
     """
 
     train: OnPolicyTrain = OnPolicyTrain()
+    lora: LoraSpec | None = None
     prompts: PromptSet
     reward_model: str
     cost_model: str
@@ -886,6 +889,26 @@ class OnPolicyStage(StartedStage):
     lambda_lr: float = Field(0.1, ge=0)
     lambda_max: float | None = Field(5.0, gt=0)
     episode_cost_window: int = Field(128, gt=0)
+
+    @field_validator("lora")
+    @classmethod
+    def _no_dropout(cls, spec: LoraSpec | None) -> LoraSpec | None:
+        """No LoRA dropout (default 0 here): the clipped ratio pi / pi_old must be 1 at the
+        policy that sampled the round, and dropout in the update alone would break that."""
+        if spec is None:
+            return spec
+        if "dropout" not in spec.model_fields_set:
+            return spec.model_copy(update={"dropout": 0.0})
+        if spec.dropout:
+            raise ValueError(
+                f"lora.dropout {spec.dropout}: on-policy stages train without dropout (the "
+                "ratio pi / pi_old must be 1 at the sampling policy); set it to 0 or leave it out"
+            )
+        return spec
+
+    @property
+    def trains_full_model(self) -> bool:
+        return self.lora is None
 
     @property
     def samples_per_prompt(self) -> int:

@@ -227,6 +227,7 @@ def test_actor_and_critics_step_with_their_own_learning_rates(policy):
         ("ppo_lagrangian", {"reward_model": "no_such_rm"}, "names 'no_such_rm', which is"),
         ("ppo_lagrangian", {"train": {"batch_size": 3}}, "does not divide the 4 responses"),
         ("ppo_lagrangian", {"train": {"max_steps": 3}}, "set the stage's rounds"),
+        ("grpo_lagrangian", {"lora": {"dropout": 0.05}}, "lora.dropout 0.05: on-policy stages"),
     ],
 )
 def test_config_errors_are_one_line(tmp_path, kind, overrides, message):
@@ -241,9 +242,9 @@ def test_config_errors_are_one_line(tmp_path, kind, overrides, message):
 
 
 @pytest.mark.parametrize("kind", ["ppo_lagrangian", "grpo_lagrangian"])
-def test_a_quantized_base_or_a_lora_block_is_refused_in_one_line(tmp_path, kind):
-    """On-policy stages train the whole policy: a frozen quantized base cannot start one,
-    and a ``lora`` block is not accepted (LoRA is not wired into these stages)."""
+def test_a_quantized_base_needs_a_lora_block(tmp_path, kind):
+    """A frozen quantized base cannot be fully fine-tuned: refused in one line without a
+    ``lora`` block, accepted with one (QLoRA)."""
     path = tmp_path / "c.yaml"
     model = {"random": {}, "quantize": "nf4"}
     config = {"model": model, "tokenizer": {"path": "bundled:oracle"}}
@@ -252,11 +253,10 @@ def test_a_quantized_base_or_a_lora_block_is_refused_in_one_line(tmp_path, kind)
         load_config(str(path))
     assert f"stage '{kind}' trains the full model" in str(error.value)
     assert "\n" not in str(error.value)
-    config["model"] = {"random": {}}
-    path.write_text(json.dumps({**config, "stages": [{**stage_spec(kind), "lora": {}}]}))
-    with pytest.raises(ConfigError) as error:
-        load_config(str(path))
-    assert "lora" in str(error.value) and "\n" not in str(error.value)
+    lora = {"rank": 4, "targets": ["q_proj", "v_proj"]}
+    path.write_text(json.dumps({**config, "stages": [{**stage_spec(kind), "lora": lora}]}))
+    stage = load_config(str(path)).stages[0]
+    assert stage.lora.rank == 4 and not stage.trains_full_model
 
 
 def context(tmp_path) -> StageContext:
@@ -332,3 +332,11 @@ def test_tpu_recipe_differs_from_the_gpu_recipe_only_in_placement():
     assert (gpu.mesh.fsdp, tpu.mesh.fsdp) == (8, -1) and tpu.run_dir.startswith("gs://")
     placement = {"name", "run_dir", "mesh"}
     assert gpu.model_dump(exclude=placement) == tpu.model_dump(exclude=placement)
+
+
+@pytest.mark.parametrize("kind", ["ppo_lagrangian", "grpo_lagrangian"])
+def test_lora_dropout_defaults_to_zero_in_on_policy_stages(kind):
+    """The ratio pi / pi_old must be 1 at the sampling policy: no dropout unless asked (and
+    asking is refused: test_config_errors_are_one_line)."""
+    stage = PpoLagrangianStage if kind == "ppo_lagrangian" else GrpoLagrangianStage
+    assert stage.model_validate(stage_spec(kind, lora={"rank": 4})).lora.dropout == 0.0

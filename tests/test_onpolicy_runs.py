@@ -17,6 +17,7 @@ import signal
 import subprocess
 import sys
 
+import jax
 import numpy as np
 import pytest
 
@@ -28,9 +29,10 @@ from sacpo_jax.checkpoint import Preempted
 from sacpo_jax.config import GrpoLagrangianStage, PpoLagrangianStage
 from sacpo_jax.data.oracle_tokenizer import oracle_tokenizer
 from sacpo_jax.metrics_log import read_metrics
-from sacpo_jax.models import hf
+from sacpo_jax.models import hf, lora, peft_io, transforms
 from sacpo_jax.models.fingerprint import params_fingerprint
 from sacpo_jax.training.context import StageContext
+from sacpo_jax.training.state import split_model
 
 TEMPLATE = "BEGINNING OF CONVERSATION: USER: {prompt} ASSISTANT:"
 THRESHOLD = -0.5
@@ -298,3 +300,51 @@ def test_a_round_is_the_same_on_one_device_and_on_a_2x2x2_mesh(runs, tmp_path, k
     np.testing.assert_allclose(rounds["mesh"]["old_logps"], rounds["one"]["old_logps"], atol=1e-4)
     assert len(losses["one"]) == 4
     np.testing.assert_allclose(losses["mesh"], losses["one"], rtol=1e-3, atol=1e-5)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "kind, quantize", [("ppo_lagrangian", None), ("grpo_lagrangian", "nf4")], ids=["lora", "qlora"]
+)
+def test_lora_trains_adapters_on_the_frozen_start_and_exports_them(runs, tmp_path, kind, quantize):
+    """With a lora block only the adapters (and PPO's critic heads) train: round 0's policy
+    is exactly the reference (fresh adapters have B = 0), the start stays bit for bit, and
+    model/ is the start with adapter/ (PEFT's format) merged in; QLoRA keeps the result
+    quantized like its start."""
+    context = direct_context(tmp_path)
+    start = sft_model(runs, context)
+    if quantize:
+        start = transforms.quantized(start, quantize)
+    before = params_fingerprint(start)
+    stage = direct_stage(
+        kind, rounds=1, lora={"rank": 4, "targets": ["q_proj", "v_proj", "down_proj"]}
+    )
+    train = stage.train.model_copy(update={"keep_checkpoints": True})
+    run = RUNS[kind](stage.model_copy(update={"train": train}), start, {}, context)
+
+    state = run.trainer.fresh_state(run.start_params)
+    trained = {
+        jax.tree_util.keystr(path) for path, _ in jax.tree_util.tree_leaves_with_path(state.params)
+    }
+    heads = {n for n in trained if n.endswith("['score_head']")}
+    modules = 3 if kind == "ppo_lagrangian" else 1  # PPO: the actor and the two critics
+    assert len(heads) == modules - 1  # each critic's head
+    adapters = trained - heads  # 3 targets x (A, B) per module
+    assert all(lora.is_adapter(n) for n in adapters) and len(adapters) == 6 * modules
+    del state
+
+    model = run.run()
+    with np.load(tmp_path / "stage" / "rounds" / "0.npz") as kept:
+        mask = kept["response_mask"].astype(bool)
+        np.testing.assert_allclose(kept["old_logps"][mask], kept["ref_logps"][mask], atol=1e-6)
+    assert params_fingerprint(start) == before  # the frozen base was never written
+    exported = hf.load_checkpoint(str(tmp_path / "stage" / "model"), mesh=context.mesh)
+    adapted = peft_io.load_adapter(transforms.merged(start), str(tmp_path / "stage" / "adapter"))
+    expected = split_model(transforms.merged(adapted))[1]
+    got = split_model(exported)[1]
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-5), got, expected)
+    moved = split_model(transforms.merged(start))[1]["layers"]["q"]
+    assert float(np.abs(got["layers"]["q"] - moved).max()) > 1e-4  # the adapters trained
+    assert model.config.quantize == quantize and model.config.lora is None
+    if quantize is None:  # the chain holds the exported model (QLoRA: re-quantized)
+        assert params_fingerprint(model) == params_fingerprint(exported)

@@ -13,7 +13,8 @@ TRL's "bnpo" aggregation),
     max(-A rho_t, -A clip(rho_t, 1 - eps, 1 + eps_high)) + beta * k3_t,
     rho_t = pi(y_t) / pi_old(y_t),  k3_t = exp(ref_t - logp_t) - (ref_t - logp_t) - 1
 
-with pi_old the policy that sampled the round and ref the frozen start model. The
+with pi_old the policy that sampled the round and ref the frozen start model (with LoRA:
+the policy's frozen base, read without the adapters). The
 (1 + lam) normalisation is safe-rlhf's (PPO-Lagrangian's): the clipped term stays on
 one scale and beta keeps its weight as lambda grows. Only the policy trains: no critics,
 so a third of PPO-Lagrangian's trained parameters and optimiser state.
@@ -43,7 +44,12 @@ from sacpo_jax.models.llama import Llama
 from sacpo_jax.training.context import StageContext
 from sacpo_jax.training.loop import Trainer
 from sacpo_jax.training.objectives import Objective
-from sacpo_jax.training.stages import is_finished, load_export
+from sacpo_jax.training.stages import (
+    is_finished,
+    load_export,
+    trainable_leaves,
+    with_stage_adapters,
+)
 from sacpo_jax.training.state import TrainState, split_model
 
 
@@ -77,9 +83,12 @@ def grpo_loss(model: Llama, batch: dict, coeffs: GrpoCoefficients):
     return loss, metrics, {}
 
 
-def _token_pass(graphdef, params, reference_params, input_ids, attention_mask, length):
+def _token_pass(
+    graphdef, reference_graphdef, params, reference_params, input_ids, attention_mask, length
+):
     """log pi_old and log pi_ref of every response token."""
-    policy, reference = nnx.merge(graphdef, params), nnx.merge(graphdef, reference_params)
+    policy = nnx.merge(graphdef, params)
+    reference = nnx.merge(reference_graphdef, reference_params)
     return {
         "old_logps": response_token_stats(policy, input_ids, attention_mask, length).logps,
         "ref_logps": response_token_stats(reference, input_ids, attention_mask, length).logps,
@@ -97,9 +106,12 @@ class GrpoLagrangianRun(OnPolicyRun):
             stage.epsilon,
             stage.epsilon if stage.epsilon_high is None else stage.epsilon_high,
         )
-        self.graphdef, params = split_model(self.reference)
-        self.reference_params = params
-        pass_fn = functools.partial(_token_pass, self.graphdef, length=stage.rollout.max_new_tokens)
+        policy = with_stage_adapters(stage, self.reference, self.ctx.seed)
+        self.graphdef, params = split_model(policy)
+        reference_graphdef, self.reference_params = split_model(self.reference)
+        pass_fn = functools.partial(
+            _token_pass, self.graphdef, reference_graphdef, length=stage.rollout.max_new_tokens
+        )
         self.compiled_pass = jax.jit(pass_fn)
         trainer = Trainer(
             Objective(grpo_loss, coefficients),
@@ -108,6 +120,7 @@ class GrpoLagrangianRun(OnPolicyRun):
             policy_optimizer(stage.train, self.total),
             self.ctx.mesh,
             grad_accum=stage.train.grad_accum,
+            trainable=trainable_leaves(stage, score_model=False),
         )
         return trainer, params
 

@@ -17,7 +17,8 @@ their meta holds {step, multiplier, history}. A rerun resumes at the saved step:
 a round it reloads the round's samples from ``rounds/<k>.npz`` (kept while a checkpoint
 inside that round exists); at a round boundary it samples the round, drawing the same
 samples (a pure function of seed, round and policy). SIGTERM while sampling saves the
-boundary state and stops. Outputs in the stage directory: ``model/`` (the policy),
+boundary state and stops. Outputs in the stage directory: ``model/`` (the policy; with
+LoRA its adapters merged, and ``adapter/`` in PEFT's format),
 ``rounds.json`` (each round's estimates), ``lagrangian.png`` (reward, cost, episode cost
 and lambda over the updates) and metrics.jsonl.
 """
@@ -54,12 +55,20 @@ from sacpo_jax.config import ORACLE, OnPolicyStage, OnPolicyTrain
 from sacpo_jax.data.prompts import read_prompts, resolve_template
 from sacpo_jax.errors import SacpoError
 from sacpo_jax.generate import data_parallel_size
+from sacpo_jax.models import transforms
 from sacpo_jax.models.llama import Llama
 from sacpo_jax.scorers import OracleScorer, ScoreModelScorer, Scorer
 from sacpo_jax.training.context import StageContext
 from sacpo_jax.training.loop import Trainer, TrainingLoop
 from sacpo_jax.training.optim import make_optimizer
-from sacpo_jax.training.stages import export, open_checkpoints, open_logger, report_disk_use
+from sacpo_jax.training.stages import (
+    export,
+    export_adapter,
+    held,
+    open_checkpoints,
+    open_logger,
+    report_disk_use,
+)
 from sacpo_jax.training.state import TrainState
 
 ROUNDS_DIR = "rounds"
@@ -378,6 +387,8 @@ class OnPolicyRun(abc.ABC):
         meta = {"step": self.total, "multiplier": self.multiplier.to_meta(), "history": history}
         self.loop.save(self.total, state, meta, force=True)
         policy = self.policy(state)
+        if policy.config.lora is not None:
+            export_adapter(policy, self.ctx)
         export(policy, self.ctx, msgpack=stage.train.export_msgpack)
         self.loop.checkpointer.close()
         self.loop.logger.close()
@@ -395,4 +406,4 @@ class OnPolicyRun(abc.ABC):
             shutil.rmtree(self.loop.checkpointer.directory, ignore_errors=True)
             shutil.rmtree(os.path.join(stage_dir, ROUNDS_DIR), ignore_errors=True)
         report_disk_use(stage.name, stage_dir)
-        return policy
+        return held(transforms.merged(policy), policy.config.quantize)

@@ -23,7 +23,9 @@ parameters are disjoint, so one step on the summed loss is safe-rlhf's actor ste
 reward-critic step and cost-critic step on the same batch. Critics start from
 ``reward_critic`` / ``cost_critic``, by default the reward / cost model (safe-rlhf), or
 for the oracle from the policy's backbone with a zero head. The reference is the frozen
-start model.
+start model. With LoRA (``lora``), each module gets fresh adapters on its frozen start and
+only the adapters and the critics' heads train; the reference reads the actor's frozen
+base without its adapters (no second copy of the weights).
 """
 
 from __future__ import annotations
@@ -54,7 +56,12 @@ from sacpo_jax.training.context import StageContext
 from sacpo_jax.training.loop import Trainer
 from sacpo_jax.training.objectives import Objective
 from sacpo_jax.training.optim import make_optimizer
-from sacpo_jax.training.stages import is_finished, load_export
+from sacpo_jax.training.stages import (
+    is_finished,
+    load_export,
+    trainable_leaves,
+    with_stage_adapters,
+)
 from sacpo_jax.training.state import TrainState, split_model
 
 MODULES = ("actor", "reward_critic", "cost_critic")
@@ -170,18 +177,22 @@ class PpoLagrangianRun(OnPolicyRun):
 
     def build_trainer(self, models: dict[str, Llama]) -> tuple[Trainer, dict]:
         stage = self.stage
-        modules = ActorCritics(
+        starts = (
             fresh_copy(self.reference),
             self.critic(stage.reward_critic, stage.reward_model, models),
             self.critic(stage.cost_critic, stage.cost_model, models),
         )
+        seed = self.ctx.seed
+        modules = ActorCritics(
+            *(with_stage_adapters(stage, m, seed + i) for i, m in enumerate(starts))
+        )
         self.graphdef, params = split_model(modules)
         self.actor_graphdef = split_model(modules.actor)[0]
-        self.reference_params = split_model(self.reference)[1]
+        reference_graphdef, self.reference_params = split_model(self.reference)
         pass_fn = functools.partial(
             _token_pass,
             self.graphdef,
-            self.actor_graphdef,
+            reference_graphdef,
             length=stage.rollout.max_new_tokens,
         )
         self.compiled_pass = jax.jit(pass_fn)
@@ -195,6 +206,7 @@ class PpoLagrangianRun(OnPolicyRun):
             actor_critic_optimizer(stage, self.total),
             self.ctx.mesh,
             grad_accum=stage.train.grad_accum,
+            trainable=trainable_leaves(stage, score_model=True),
         )
         return trainer, params
 

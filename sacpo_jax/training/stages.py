@@ -31,7 +31,7 @@ import numpy as np
 from flax import nnx
 
 from sacpo_jax import checkpoint
-from sacpo_jax.config import SupervisedStage, TrainedStage
+from sacpo_jax.config import OnPolicyStage, SupervisedStage, TrainedStage
 from sacpo_jax.data.pipeline import build_dataset
 from sacpo_jax.metrics_log import MetricsLogger
 from sacpo_jax.models import hf, lora, peft_io, transforms
@@ -73,19 +73,20 @@ def held(model: Llama, quantize: str | None) -> Llama:
     return model if quantize is None else transforms.quantized(model, quantize)
 
 
-def with_stage_adapters(stage: TrainedStage, start: Llama, seed: int) -> Llama:
+def with_stage_adapters(stage: TrainedStage | OnPolicyStage, start: Llama, seed: int) -> Llama:
     """The model a stage trains: its start, plus fresh adapters when it has a lora block."""
     if stage.lora is None:
         return start
     return transforms.with_adapters(start, stage.lora.settings(), seed)
 
 
-def trainable_leaves(stage: TrainedStage, score_model: bool) -> Trainable:
-    """Every leaf (full fine-tuning), or the adapters (and a score model's new head)."""
+def trainable_leaves(stage: TrainedStage | OnPolicyStage, score_model: bool) -> Trainable:
+    """Every leaf (full fine-tuning), or the adapters (and score models' heads: a path
+    "score_head" or ending in "/score_head", e.g. a PPO critic's)."""
     if stage.lora is None:
         return train_all
     if score_model:
-        return lambda name: lora.is_adapter(name) or name == "score_head"
+        return lambda name: lora.is_adapter(name) or name.split("/")[-1] == "score_head"
     return lora.is_adapter
 
 
