@@ -389,7 +389,8 @@ class OnPolicyRun(abc.ABC):
         policy = self.policy(state)
         if policy.config.lora is not None:
             export_adapter(policy, self.ctx)
-        export(policy, self.ctx, msgpack=stage.train.export_msgpack)
+        model = transforms.merged(policy)
+        export(model, self.ctx, msgpack=stage.train.export_msgpack)
         self.loop.checkpointer.close()
         self.loop.logger.close()
         if jax.process_index() == 0:
@@ -406,4 +407,4 @@ class OnPolicyRun(abc.ABC):
             shutil.rmtree(self.loop.checkpointer.directory, ignore_errors=True)
             shutil.rmtree(os.path.join(stage_dir, ROUNDS_DIR), ignore_errors=True)
         report_disk_use(stage.name, stage_dir)
-        return held(transforms.merged(policy), policy.config.quantize)
+        return held(model, policy.config.quantize)
